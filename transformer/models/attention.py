@@ -1,0 +1,169 @@
+"""Scaled dot-product attention, its masks, and multi-head (grouped-query) attention.
+
+Q = X·W_Q, K = X·W_K, V = X·W_V;  S = Q·Kᵀ;  A = softmax(S / √d_k);  Y = A·V.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from transformer.models import positions as pos
+from transformer.models.common import dropout, dtype_of, param
+from transformer.models.config import ModelConfig
+from transformer.sharding import constrain
+
+
+def make_attention_mask(
+    query_segment_ids: jax.Array,
+    key_segment_ids: jax.Array,
+    *,
+    causal: bool,
+    query_offset: jax.Array | int = 0,
+) -> jax.Array:
+    """Boolean mask [batch, 1, queries, keys]; True where a query may attend to a key.
+
+    Segment ids give padding (0) and packing (a token attends only inside its own segment).
+    With `causal`, query i (at sequence index `query_offset + i`) sees keys 0..that index.
+    """
+    same_segment = query_segment_ids[:, :, None] == key_segment_ids[:, None, :]
+    mask = same_segment & (key_segment_ids[:, None, :] != 0)
+    if causal:
+        q_index = query_offset + jnp.arange(query_segment_ids.shape[1])
+        k_index = jnp.arange(key_segment_ids.shape[1])
+        mask = mask & (k_index[None, None, :] <= q_index[None, :, None])
+    return mask[:, None, :, :]
+
+
+def dot_product_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    impl: str = "einsum",
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    return_weights: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Attention of query [B,T,H,D] over key/value [B,S,K,D], K dividing H (grouped-query).
+
+    `impl='einsum'` is the textbook computation (softmax in float32); `impl='xla'` calls
+    `jax.nn.dot_product_attention`, which selects cuDNN flash attention on GPUs. Attention
+    dropout and returning the weights need the explicit weights, so they use the einsum path.
+    Returns the output [B,T,H,D] and the weights [B,H,T,S] (float32) when asked for.
+    """
+    batch, q_len, heads, depth = query.shape
+    kv_heads = key.shape[2]
+    scale = 1.0 / math.sqrt(depth)
+    training_dropout = dropout_rate > 0.0 and dropout_rng is not None
+    if impl == "xla" and not (training_dropout or return_weights):
+        out = jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale)
+        return out, None
+    if impl not in ("einsum", "xla"):
+        raise ValueError(f"attention impl {impl!r} is not one of ['einsum', 'xla']")
+
+    groups = heads // kv_heads
+    grouped = query.reshape(batch, q_len, kv_heads, groups, depth)
+    scores = jnp.einsum(
+        "btkgd,bskd->bkgts", grouped, key, preferred_element_type=jnp.float32
+    ).reshape(batch, heads, q_len, key.shape[1])
+    scores = scores * scale
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1)
+    probs = dropout(weights, dropout_rate, dropout_rng).astype(value.dtype)
+    probs = probs.reshape(batch, kv_heads, groups, q_len, key.shape[1])
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, value).reshape(batch, q_len, heads, depth)
+    return out, weights if return_weights else None
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of the tokens seen so far: [batch, max_length, kv_heads, head_dim]."""
+
+    key: jax.Array
+    value: jax.Array
+
+    @classmethod
+    def zeros(cls, config: ModelConfig, batch: int, max_length: int) -> KVCache:
+        shape = (batch, max_length, config.kv_heads, config.dim_per_head)
+        dtype = dtype_of(config.dtype)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+class MultiHeadAttention(nnx.Module):
+    """h heads: project, split, attend, concatenate, project back; `num_kv_heads` for GQA/MQA."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        d, h, k, hd = config.hidden_size, config.num_heads, config.kv_heads, config.dim_per_head
+        std, pd = config.initializer_range, config.param_dtype
+        out_std = std / math.sqrt(2 * config.num_layers) if config.scale_residual_init else std
+        self.query = param(rngs, (d, h, hd), ("embed", "heads", "kv"), std=std, dtype=pd)
+        self.key = param(rngs, (d, k, hd), ("embed", "heads", "kv"), std=std, dtype=pd)
+        self.value = param(rngs, (d, k, hd), ("embed", "heads", "kv"), std=std, dtype=pd)
+        self.out = param(rngs, (h, hd, d), ("heads", "kv", "embed"), std=out_std, dtype=pd)
+        if config.attention_bias:
+            self.query_bias = param(rngs, (h, hd), ("heads", "kv"), dtype=pd)
+            self.key_bias = param(rngs, (k, hd), ("heads", "kv"), dtype=pd)
+            self.value_bias = param(rngs, (k, hd), ("heads", "kv"), dtype=pd)
+            self.out_bias = param(rngs, (d,), ("embed",), dtype=pd)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        mask: jax.Array | None,
+        positions: jax.Array,
+        cache: KVCache | None = None,
+        cache_index: jax.Array | int = 0,
+        dropout_rng: jax.Array | None = None,
+        return_weights: bool = False,
+    ) -> tuple[jax.Array, KVCache | None, jax.Array | None]:
+        """x [B,T,embed] → ([B,T,embed], updated cache, weights [B,H,T,S] or None).
+
+        With a cache, the new keys/values are written at `cache_index` and the queries attend
+        over the whole cache; the caller's mask says which cache slots are valid.
+        """
+        cfg = self.config
+        dtype = dtype_of(cfg.dtype)
+        x = x.astype(dtype)
+        q = jnp.einsum("btd,dhk->bthk", x, self.query[...].astype(dtype))
+        k = jnp.einsum("btd,dhk->bthk", x, self.key[...].astype(dtype))
+        v = jnp.einsum("btd,dhk->bthk", x, self.value[...].astype(dtype))
+        if cfg.attention_bias:
+            q = q + self.query_bias[...].astype(dtype)
+            k = k + self.key_bias[...].astype(dtype)
+            v = v + self.value_bias[...].astype(dtype)
+        if cfg.position == "rope":
+            inv_freq = pos.rope_inverse_frequencies(cfg)
+            q = pos.apply_rope(q, positions, inv_freq, pos.rope_position_scale(cfg))
+            k = pos.apply_rope(k, positions, inv_freq, pos.rope_position_scale(cfg))
+        q = constrain(q, ("batch", "length", "act_heads", None))
+        k = constrain(k, ("batch", "length", "act_heads", None))
+        v = constrain(v, ("batch", "length", "act_heads", None))
+
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            cache = KVCache(
+                jax.lax.dynamic_update_slice(cache.key, k.astype(cache.key.dtype), start),
+                jax.lax.dynamic_update_slice(cache.value, v.astype(cache.value.dtype), start),
+            )
+            k, v = cache.key, cache.value
+
+        y, weights = dot_product_attention(
+            q, k, v, mask,
+            impl=cfg.attention_impl,
+            dropout_rate=cfg.attention_dropout_rate,
+            dropout_rng=dropout_rng,
+            return_weights=return_weights,
+        )
+        y = constrain(y, ("batch", "length", "act_heads", None))
+        out = jnp.einsum("bthk,hkd->btd", y, self.out[...].astype(dtype))
+        if cfg.attention_bias:
+            out = out + self.out_bias[...].astype(dtype)
+        return constrain(out, ("batch", "length", "act_embed")), cache, weights

@@ -1,0 +1,118 @@
+"""Transformer blocks (pre-LN or post-LN) and the layer stack, scanned or unrolled, with remat."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import nnx
+
+from transformer.models.attention import KVCache, MultiHeadAttention
+from transformer.models.common import dropout, split_rng
+from transformer.models.config import ModelConfig
+from transformer.models.layers import MLP, Norm
+
+REMAT_POLICIES = {
+    "full": None,  # Save nothing; recompute the whole layer in the backward pass.
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nnx.Module):
+    """Self-attention and feed-forward sublayers, each with a residual connection.
+
+    Pre-LN (GPT-2, Llama): x + f(norm(x)). Post-LN (BERT, the original Transformer): norm(x + f(x)).
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.attention_norm = Norm(config, rngs=rngs)
+        self.attention = MultiHeadAttention(config, rngs=rngs)
+        self.mlp_norm = Norm(config, rngs=rngs)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        mask: jax.Array | None,
+        positions: jax.Array,
+        cache: KVCache | None = None,
+        cache_index: jax.Array | int = 0,
+        dropout_rng: jax.Array | None = None,
+        return_weights: bool = False,
+    ) -> tuple[jax.Array, KVCache | None, jax.Array | None]:
+        rate = self.config.dropout_rate
+        attn_rng, residual1_rng, residual2_rng = split_rng(dropout_rng, 3)
+        attend = lambda h: self.attention(
+            h, mask=mask, positions=positions, cache=cache, cache_index=cache_index,
+            dropout_rng=attn_rng, return_weights=return_weights,
+        )
+        if self.config.pre_norm:
+            h, cache, weights = attend(self.attention_norm(x))
+            x = x + dropout(h, rate, residual1_rng)
+            x = x + dropout(self.mlp(self.mlp_norm(x)), rate, residual2_rng)
+        else:
+            h, cache, weights = attend(x)
+            x = self.attention_norm(x + dropout(h, rate, residual1_rng))
+            x = self.mlp_norm(x + dropout(self.mlp(x), rate, residual2_rng))
+        return x, cache, weights
+
+
+class LayerStack(nnx.Module):
+    """`num_layers` blocks whose parameters are stacked on a leading 'layers' axis.
+
+    The stacked layout is the same whether the stack runs as one `lax.scan` (compiles one layer,
+    the default) or unrolled in Python (lets XLA fuse across layers), so checkpoints work with both.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+
+        @nnx.split_rngs(splits=config.num_layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def create(rngs: nnx.Rngs) -> Block:
+            return Block(config, rngs=rngs)
+
+        self.blocks = create(rngs)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        mask: jax.Array | None,
+        positions: jax.Array,
+        cache: KVCache | None = None,
+        cache_index: jax.Array | int = 0,
+        dropout_rng: jax.Array | None = None,
+        return_weights: bool = False,
+    ) -> tuple[jax.Array, KVCache | None, jax.Array | None]:
+        """Returns the output, the stacked updated cache and stacked weights [layers, ...]."""
+        cfg = self.config
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def layer(x: jax.Array, per_layer: tuple[Any, Any, Any]) -> tuple[jax.Array, Any]:
+            params, layer_cache, rng = per_layer
+            block = nnx.merge(graphdef, params)
+            x, layer_cache, weights = block(
+                x, mask=mask, positions=positions, cache=layer_cache, cache_index=cache_index,
+                dropout_rng=rng, return_weights=return_weights,
+            )
+            return x, (layer_cache, weights)
+
+        if cfg.remat_policy != "none":
+            layer = jax.checkpoint(
+                layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers
+            )
+        rngs = None if dropout_rng is None else jax.random.split(dropout_rng, cfg.num_layers)
+        per_layer = (stacked, cache, rngs)
+        if cfg.scan_layers:
+            x, (cache, weights) = jax.lax.scan(layer, x, per_layer)
+        else:
+            outputs = []
+            for i in range(cfg.num_layers):
+                x, out = layer(x, jax.tree.map(lambda a, i=i: a[i], per_layer))
+                outputs.append(out)
+            cache, weights = jax.tree.map(lambda *a: jax.numpy.stack(a), *outputs)
+        return x, cache, weights

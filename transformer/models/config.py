@@ -1,0 +1,221 @@
+"""One model configuration for every family (BERT, GPT-2, Llama) and the named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "sinusoidal", "rope", "none")
+ATTENTION_IMPLS = ("einsum", "xla")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ARCHITECTURES = ("encoder", "decoder")
+ROPE_SCALINGS = ("none", "linear", "llama3")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Describes every model variant; validated at construction.
+
+    The field names follow the Transformer literature; `num_kv_heads < num_heads` gives
+    grouped-query attention (1 = multi-query).
+    """
+
+    architecture: str = "decoder"  # 'encoder' (bidirectional, BERT) or 'decoder' (causal, GPT/Llama).
+    vocab_size: int = 32000  # Rows of the token-embedding table.
+    hidden_size: int = 768  # Width of the residual stream ('embed' axis).
+    num_layers: int = 12  # Transformer blocks.
+    num_heads: int = 12  # Query heads.
+    num_kv_heads: int | None = None  # Key/value heads (None = num_heads).
+    head_dim: int | None = None  # Per-head width (None = hidden_size // num_heads).
+    mlp_dim: int = 3072  # Hidden width of the feed-forward block.
+    activation: str = "gelu"  # One of ACTIVATIONS.
+    gated_mlp: bool = False  # Gated feed-forward (SwiGLU with silu, GeGLU with gelu).
+    norm: str = "layernorm"  # 'layernorm' or 'rmsnorm'.
+    norm_eps: float = 1e-5  # Epsilon inside the normalization.
+    pre_norm: bool = True  # Pre-LN (GPT-2, Llama) or post-LN (BERT) residual blocks.
+    final_norm: bool = True  # Norm after the last block (pre-LN models need it).
+    position: str = "learned"  # One of POSITIONS.
+    max_length: int = 1024  # Longest sequence (size of a learned position table).
+    rope_base: float = 10000.0  # RoPE wavelength base (theta).
+    rope_scaling: str = "none"  # 'none', 'linear' (positions / factor) or 'llama3'.
+    rope_factor: float = 1.0  # Scaling factor of 'linear' and 'llama3'.
+    rope_low_freq_factor: float = 1.0  # Llama-3 scaling: low-frequency factor.
+    rope_high_freq_factor: float = 4.0  # Llama-3 scaling: high-frequency factor.
+    rope_original_max_length: int = 8192  # Llama-3 scaling: pre-training context length.
+    type_vocab_size: int = 0  # Token-type (segment) embeddings; BERT uses 2.
+    attention_bias: bool = True  # Biases on the Q/K/V/output projections.
+    mlp_bias: bool = True  # Biases on the feed-forward projections.
+    tie_embeddings: bool = True  # LM head shares the token-embedding matrix.
+    pooler: bool = False  # BERT pooler (dense + tanh on the first token).
+    mlm_head: bool = False  # BERT masked-LM head transform (dense + act + norm) before the output.
+    embedding_norm: bool = False  # Norm right after the embeddings (BERT).
+    dropout_rate: float = 0.0  # Dropout on embeddings and residual branches.
+    attention_dropout_rate: float = 0.0  # Dropout on the attention weights.
+    attention_impl: str = "xla"  # 'einsum' (reference) or 'xla' (jax.nn.dot_product_attention).
+    initializer_range: float = 0.02  # Std of the normal initializers.
+    scale_residual_init: bool = False  # GPT-2: output projections init std / sqrt(2 * layers).
+    param_dtype: str = "float32"  # Storage dtype of the parameters.
+    dtype: str = "float32"  # Compute dtype (activations and matmuls); softmax stays float32.
+    scan_layers: bool = True  # Run the layer stack with lax.scan (one compiled layer) or unrolled.
+    remat_policy: str = "none"  # One of REMAT_POLICIES: what the backward pass recomputes.
+
+    def __post_init__(self):
+        _check_choice("architecture", self.architecture, ARCHITECTURES)
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("position", self.position, POSITIONS)
+        _check_choice("rope_scaling", self.rope_scaling, ROPE_SCALINGS)
+        _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("param_dtype", self.param_dtype, DTYPES)
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "mlp_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"ModelConfig.hidden_size={self.hidden_size} is not divisible by "
+                f"num_heads={self.num_heads}; change one of them or set head_dim explicitly"
+            )
+        kv = self.kv_heads
+        if kv <= 0 or self.num_heads % kv:
+            raise ValueError(
+                f"ModelConfig.num_kv_heads={kv} must divide num_heads={self.num_heads} "
+                f"(allowed: {[d for d in range(1, self.num_heads + 1) if self.num_heads % d == 0]})"
+            )
+        if self.position == "rope" and self.dim_per_head % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {self.dim_per_head}")
+        for name in ("dropout_rate", "attention_dropout_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.hidden_size // self.num_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def causal(self) -> bool:
+        return self.architecture == "decoder"
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        unknown = [k for k in changes if k not in _FIELDS]
+        if unknown:
+            raise ValueError(_unknown_message("ModelConfig field", unknown[0], _FIELDS))
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        unknown = [k for k in values if k not in _FIELDS]
+        if unknown:
+            raise ValueError(_unknown_message("ModelConfig field", unknown[0], _FIELDS))
+        return cls(**values)
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"ModelConfig.{name}={value!r} is not one of {list(allowed)}")
+
+
+def _unknown_message(kind: str, name: str, known: tuple[str, ...] | list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"; did you mean {close}?" if close else ""
+    return f"unknown {kind} {name!r}{hint} Known: {sorted(known)}"
+
+
+_BERT = dict(
+    architecture="encoder",
+    vocab_size=30522,
+    max_length=512,
+    type_vocab_size=2,
+    activation="gelu",
+    norm="layernorm",
+    norm_eps=1e-12,
+    pre_norm=False,
+    final_norm=False,
+    embedding_norm=True,
+    position="learned",
+    pooler=True,
+    mlm_head=True,
+    tie_embeddings=True,
+    dropout_rate=0.1,
+    attention_dropout_rate=0.1,
+)
+_GPT2 = dict(
+    architecture="decoder",
+    vocab_size=50257,
+    max_length=1024,
+    activation="gelu_tanh",
+    norm="layernorm",
+    norm_eps=1e-5,
+    pre_norm=True,
+    position="learned",
+    tie_embeddings=True,
+    scale_residual_init=True,
+    dropout_rate=0.1,
+    attention_dropout_rate=0.1,
+)
+_LLAMA = dict(
+    architecture="decoder",
+    vocab_size=32000,
+    max_length=4096,
+    activation="silu",
+    gated_mlp=True,
+    norm="rmsnorm",
+    norm_eps=1e-5,
+    pre_norm=True,
+    position="rope",
+    attention_bias=False,
+    mlp_bias=False,
+    tie_embeddings=False,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "bert-tiny": {**_BERT, "hidden_size": 128, "num_layers": 2, "num_heads": 2, "mlp_dim": 512},
+    "bert-base": {**_BERT, "hidden_size": 768, "num_layers": 12, "num_heads": 12, "mlp_dim": 3072},
+    "bert-large": {**_BERT, "hidden_size": 1024, "num_layers": 24, "num_heads": 16, "mlp_dim": 4096},
+    "gpt2-tiny": {**_GPT2, "hidden_size": 128, "num_layers": 2, "num_heads": 4, "mlp_dim": 512},
+    "gpt2": {**_GPT2, "hidden_size": 768, "num_layers": 12, "num_heads": 12, "mlp_dim": 3072},
+    "gpt2-medium": {**_GPT2, "hidden_size": 1024, "num_layers": 24, "num_heads": 16, "mlp_dim": 4096},
+    "gpt2-large": {**_GPT2, "hidden_size": 1280, "num_layers": 36, "num_heads": 20, "mlp_dim": 5120},
+    "gpt2-xl": {**_GPT2, "hidden_size": 1600, "num_layers": 48, "num_heads": 25, "mlp_dim": 6400},
+    "llama-tiny": {
+        **_LLAMA, "hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+        "mlp_dim": 384, "max_length": 1024,
+    },
+    # Llama-3.2-1B: GQA 32/8, tied embeddings, RoPE theta 5e5 with Llama-3 scaling.
+    "llama-1b": {
+        **_LLAMA, "vocab_size": 128256, "hidden_size": 2048, "num_layers": 16, "num_heads": 32,
+        "num_kv_heads": 8, "mlp_dim": 8192, "max_length": 131072, "rope_base": 500000.0,
+        "rope_scaling": "llama3", "rope_factor": 32.0, "rope_low_freq_factor": 1.0,
+        "rope_high_freq_factor": 4.0, "rope_original_max_length": 8192, "tie_embeddings": True,
+    },
+    # Llama-2-7B.
+    "llama-7b": {
+        **_LLAMA, "hidden_size": 4096, "num_layers": 32, "num_heads": 32, "mlp_dim": 11008,
+        "norm_eps": 1e-5,
+    },
+}
+
+
+def get_preset(name: str, **overrides: Any) -> ModelConfig:
+    """The named preset, with any field overridden (e.g. `get_preset('gpt2', num_layers=2)`)."""
+    if name not in PRESETS:
+        raise ValueError(_unknown_message("model preset", name, list(PRESETS)))
+    unknown = [k for k in overrides if k not in _FIELDS]
+    if unknown:
+        raise ValueError(_unknown_message("ModelConfig field", unknown[0], _FIELDS))
+    return ModelConfig(**{**PRESETS[name], **overrides})

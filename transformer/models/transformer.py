@@ -1,0 +1,183 @@
+"""The encoder (BERT) and decoder (GPT-2, Llama) models."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from transformer.models.attention import KVCache, make_attention_mask
+from transformer.models.blocks import LayerStack
+from transformer.models.common import dropout, dtype_of, param, split_rng
+from transformer.models.config import ModelConfig
+from transformer.models.layers import ACTIVATION_FNS, Embeddings, Norm
+from transformer.sharding import constrain
+
+
+@struct.dataclass
+class ModelOutput:
+    """What a forward pass returns; fields a model does not compute are None."""
+
+    last_hidden_state: jax.Array  # [batch, length, hidden]
+    logits: jax.Array | None = None  # [batch, length, vocab], float32
+    pooler_output: jax.Array | None = None  # [batch, hidden] (BERT pooler)
+    attentions: jax.Array | None = None  # [layers, batch, heads, queries, keys], float32
+    cache: KVCache | None = None  # Stacked per layer: [layers, batch, max_length, kv_heads, dim]
+
+
+def _segments_and_positions(
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None,
+    segment_ids: jax.Array | None,
+    positions: jax.Array | None,
+) -> tuple[jax.Array, jax.Array]:
+    """Segment ids (0 = padding) from packed ids or a 0/1 attention mask; positions 0..T-1."""
+    if segment_ids is None:
+        segment_ids = jnp.ones_like(input_ids) if attention_mask is None else attention_mask
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+    return segment_ids.astype(jnp.int32), positions.astype(jnp.int32)
+
+
+class Encoder(nnx.Module):
+    """A bidirectional Transformer encoder (BERT): embeddings, post-LN blocks, pooler, MLM head."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        d, std, pd = config.hidden_size, config.initializer_range, config.param_dtype
+        self.embeddings = Embeddings(config, rngs=rngs)
+        if config.embedding_norm:
+            self.embedding_norm = Norm(config, rngs=rngs)
+        self.layers = LayerStack(config, rngs=rngs)
+        if config.final_norm:
+            self.final_norm = Norm(config, rngs=rngs)
+        if config.pooler:
+            self.pooler = param(rngs, (d, d), ("embed", "mlp"), std=std, dtype=pd)
+            self.pooler_bias = param(rngs, (d,), ("mlp",), dtype=pd)
+        if config.mlm_head:
+            self.mlm_dense = param(rngs, (d, d), ("embed", "mlp"), std=std, dtype=pd)
+            self.mlm_dense_bias = param(rngs, (d,), ("mlp",), dtype=pd)
+            self.mlm_norm = Norm(config, rngs=rngs)
+        if not config.tie_embeddings:
+            self.lm_head = param(rngs, (d, config.vocab_size), ("embed", "vocab"), std=std, dtype=pd)
+        self.lm_bias = param(rngs, (config.vocab_size,), ("vocab",), dtype=pd)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+        *,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        dropout_rng: jax.Array | None = None,
+        output_attentions: bool = False,
+        compute_logits: bool = True,
+    ) -> ModelOutput:
+        cfg = self.config
+        dtype = dtype_of(cfg.dtype)
+        segments, positions = _segments_and_positions(
+            input_ids, attention_mask, segment_ids, positions
+        )
+        embed_rng, stack_rng = split_rng(dropout_rng, 2)
+        x = self.embeddings(input_ids, positions, token_type_ids)
+        if cfg.embedding_norm:
+            x = self.embedding_norm(x)
+        x = dropout(x, cfg.dropout_rate, embed_rng)
+        mask = make_attention_mask(segments, segments, causal=False)
+        x, _, weights = self.layers(
+            x, mask=mask, positions=positions, dropout_rng=stack_rng,
+            return_weights=output_attentions,
+        )
+        if cfg.final_norm:
+            x = self.final_norm(x)
+        pooled = None
+        if cfg.pooler:
+            pooled = jnp.tanh(
+                x[:, 0] @ self.pooler[...].astype(dtype) + self.pooler_bias[...].astype(dtype)
+            )
+        logits = self.mlm_logits(x) if compute_logits else None
+        return ModelOutput(x, logits=logits, pooler_output=pooled, attentions=weights)
+
+    def mlm_logits(self, x: jax.Array) -> jax.Array:
+        """Masked-LM logits (float32): transform (dense, activation, norm), then the output layer."""
+        cfg = self.config
+        dtype = dtype_of(cfg.dtype)
+        if cfg.mlm_head:
+            h = x @ self.mlm_dense[...].astype(dtype) + self.mlm_dense_bias[...].astype(dtype)
+            x = self.mlm_norm(ACTIVATION_FNS[cfg.activation](h))
+        if cfg.tie_embeddings:
+            logits = self.embeddings.attend(x)
+        else:
+            logits = constrain(x @ self.lm_head[...].astype(dtype), ("batch", "length", "act_vocab"))
+        return (logits + self.lm_bias[...].astype(dtype)).astype(jnp.float32)
+
+
+class Decoder(nnx.Module):
+    """A causal Transformer decoder (GPT-2, Llama): embeddings, pre-LN blocks, final norm, LM head."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        d, std, pd = config.hidden_size, config.initializer_range, config.param_dtype
+        self.embeddings = Embeddings(config, rngs=rngs)
+        self.layers = LayerStack(config, rngs=rngs)
+        if config.final_norm:
+            self.final_norm = Norm(config, rngs=rngs)
+        if not config.tie_embeddings:
+            self.lm_head = param(rngs, (d, config.vocab_size), ("embed", "vocab"), std=std, dtype=pd)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+        *,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+        cache_index: jax.Array | int = 0,
+        cache_segment_ids: jax.Array | None = None,
+        dropout_rng: jax.Array | None = None,
+        output_attentions: bool = False,
+        compute_logits: bool = True,
+    ) -> ModelOutput:
+        """With a `cache`, the tokens are written at `cache_index` and attend to the cache slots
+        whose `cache_segment_ids` [batch, max_length] match theirs (0 = empty slot)."""
+        cfg = self.config
+        segments, positions = _segments_and_positions(
+            input_ids, attention_mask, segment_ids, positions
+        )
+        embed_rng, stack_rng = split_rng(dropout_rng, 2)
+        x = self.embeddings(input_ids, positions, token_type_ids)
+        x = dropout(x, cfg.dropout_rate, embed_rng)
+        if cache is None:
+            mask = make_attention_mask(segments, segments, causal=True)
+        else:
+            if cache_segment_ids is None:
+                raise ValueError("decoding with a cache needs cache_segment_ids [batch, max_length]")
+            mask = make_attention_mask(
+                segments, cache_segment_ids, causal=True, query_offset=cache_index
+            )
+        x, cache, weights = self.layers(
+            x, mask=mask, positions=positions, cache=cache, cache_index=cache_index,
+            dropout_rng=stack_rng, return_weights=output_attentions,
+        )
+        if cfg.final_norm:
+            x = self.final_norm(x)
+        logits = self.lm_logits(x) if compute_logits else None
+        return ModelOutput(x, logits=logits, attentions=weights, cache=cache)
+
+    def lm_logits(self, x: jax.Array) -> jax.Array:
+        """Next-token logits (float32) from final hidden states."""
+        if self.config.tie_embeddings:
+            logits = self.embeddings.attend(x)
+        else:
+            dtype = dtype_of(self.config.dtype)
+            logits = constrain(x.astype(dtype) @ self.lm_head[...].astype(dtype),
+                               ("batch", "length", "act_vocab"))
+        return logits.astype(jnp.float32)
+
+    def init_cache(self, batch: int, max_length: int) -> KVCache:
+        """An empty KV cache for every layer: [layers, batch, max_length, kv_heads, head_dim]."""
+        one = KVCache.zeros(self.config, batch, max_length)
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.config.num_layers, *a.shape)), one)

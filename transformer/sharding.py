@@ -1,0 +1,208 @@
+"""Mesh construction and logical-axis rules: the only module that knows mesh axes.
+
+Models name the axes of their parameters and activations with logical names (`'embed'`, `'heads'`,
+`'batch'`, ...). A list of rules, held in the config, maps each logical name to mesh axes
+(`'data'`, `'fsdp'`, `'tensor'`) or to None (replicated). Changing the parallelism is a change of
+the mesh shape or of the rules, never of a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical names of parameter axes.
+PARAM_AXES = ("vocab", "embed", "heads", "kv", "mlp", "layers")
+# Logical names of activation axes.
+ACTIVATION_AXES = ("batch", "length", "act_embed", "act_heads", "act_mlp", "act_vocab")
+
+Rules = Sequence[tuple[str, str | Sequence[str] | None]]
+
+# Data parallelism over 'data', ZeRO-3 style sharding of parameters over 'fsdp' (whose devices
+# also split the batch), Megatron-style tensor parallelism over 'tensor'.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("layers", None),
+)
+
+_active_rules: contextvars.ContextVar[dict[str, tuple[str, ...]] | None] = contextvars.ContextVar(
+    "logical_axis_rules", default=None
+)
+
+
+def make_mesh(
+    shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+    """A mesh over `devices` (default: all) with axes ('data', 'fsdp', 'tensor').
+
+    `shape` gives each axis size; one may be -1 for "the rest of the devices".
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [shape.get(a, 1) for a in MESH_AXES] if isinstance(shape, Mapping) else list(shape)
+    if isinstance(shape, Mapping) and (extra := set(shape) - set(MESH_AXES)):
+        raise ValueError(f"unknown mesh axes {sorted(extra)}; the mesh axes are {MESH_AXES}")
+    if len(sizes) != len(MESH_AXES):
+        raise ValueError(f"mesh shape {sizes} needs one size per axis {MESH_AXES}")
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh shape {sizes}: at most one axis may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if known <= 0 or len(devices) % known:
+            raise ValueError(
+                f"mesh shape {sizes}: {len(devices)} devices are not divisible by {known}"
+            )
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh shape {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices but "
+            f"{len(devices)} are available; make the product equal the device count "
+            "(or use -1 on one axis)"
+        )
+    device_grid = np.asarray(devices).reshape(sizes)
+    return Mesh(device_grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(sizes))
+
+
+def normalize_rules(rules: Rules) -> dict[str, tuple[str, ...]]:
+    """Rules as {logical name: tuple of mesh axes}, validated against the mesh axis names."""
+    table: dict[str, tuple[str, ...]] = {}
+    for entry in rules:
+        name, axes = entry
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        if bad := [a for a in axes if a not in MESH_AXES]:
+            raise ValueError(f"rule for {name!r} names unknown mesh axes {bad}; use {MESH_AXES}")
+        table.setdefault(name, axes)  # The first rule for a name wins, as in Flax.
+    return table
+
+
+def logical_to_spec(
+    names: Sequence[str | None],
+    rules: Rules | Mapping[str, tuple[str, ...]],
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+) -> PartitionSpec:
+    """The PartitionSpec for an array whose axes have logical `names`.
+
+    A dimension that the mesh axes do not divide evenly stays replicated (e.g. 2 key/value heads
+    on 8 tensor-parallel devices); a mesh axis already used by an earlier dimension is not reused.
+    """
+    table = rules if isinstance(rules, Mapping) else normalize_rules(rules)
+    used: set[str] = set()
+    spec: list[Any] = []
+    for dim, name in enumerate(names):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in table:
+            raise ValueError(
+                f"logical axis {name!r} has no sharding rule; add ({name!r}, <mesh axes or None>) "
+                f"to the rules (mesh axes: {MESH_AXES}); rules cover {sorted(table)}"
+            )
+        axes = tuple(a for a in table[name] if a not in used)
+        if mesh is not None:
+            axes = tuple(a for a in axes if mesh.shape[a] > 1)
+            if shape is not None and axes and shape[dim] % math.prod(mesh.shape[a] for a in axes):
+                axes = ()
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def variable_axes(variable: nnx.Variable) -> tuple[str | None, ...]:
+    """The logical axis names a model gave a variable (empty if none)."""
+    return tuple(variable.get_metadata().get("out_sharding") or ())
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
+    """NamedShardings for every variable of an (abstract) NNX state, from its logical axes."""
+    table = normalize_rules(rules)
+
+    def sharding(variable: nnx.Variable) -> nnx.Variable:
+        names = variable_axes(variable)
+        value = variable.get_value()
+        if len(names) != len(value.shape):
+            names = (None,) * len(value.shape)
+        spec = logical_to_spec(names, table, value.shape, mesh)
+        return variable.replace(NamedSharding(mesh, spec))
+
+    return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def check_rules(model_or_state: Any, rules: Rules) -> None:
+    """Fail early, naming the axis, if any variable or activation axis lacks a rule."""
+    table = normalize_rules(rules)
+    names = set(ACTIVATION_AXES)
+    for _, variable in nnx.to_flat_state(_as_state(model_or_state)):
+        names.update(n for n in variable_axes(variable) if n is not None)
+    if missing := sorted(names - set(table)):
+        raise ValueError(
+            f"logical axes {missing} have no sharding rule; add them to the rules "
+            f"(each maps to one of {MESH_AXES}, a tuple of them, or None)"
+        )
+
+
+def _as_state(model_or_state: Any) -> Any:
+    if isinstance(model_or_state, nnx.Module):
+        return nnx.state(model_or_state)
+    return model_or_state
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Rules) -> Iterator[Mesh]:
+    """Activate `mesh` and the logical rules for activation constraints traced inside."""
+    token = _active_rules.set(normalize_rules(rules))
+    try:
+        with jax.set_mesh(mesh):
+            yield mesh
+    finally:
+        _active_rules.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint on an activation by logical names; a no-op outside `use_mesh`."""
+    table = _active_rules.get()
+    mesh = jax.sharding.get_abstract_mesh()
+    if table is None or mesh.empty:
+        return x
+    spec = logical_to_spec(names, table, x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def create_sharded(
+    init_fn: Callable[[], nnx.Module], mesh: Mesh, rules: Rules
+) -> nnx.Module:
+    """Build a model directly in its sharded layout: no host ever holds the full parameters.
+
+    `jax.eval_shape` of the init gives the shapes; the logical rules give the shardings; the init
+    then runs under `jax.jit` with those output shardings.
+    """
+    abstract = nnx.eval_shape(init_fn)
+    check_rules(abstract, rules)
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = state_shardings(abstract_state, mesh, rules)
+
+    def init() -> Any:
+        return nnx.split(init_fn())[1]
+
+    with use_mesh(mesh, rules):
+        state = jax.jit(init, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
