@@ -1,0 +1,1 @@
+"""Data layer: tokenizers, TFDS/local sources, grain pipelines, packing, MLM masking, tasks."""

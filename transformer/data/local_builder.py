@@ -1,0 +1,209 @@
+"""Local files → a TFDS ArrayRecord dataset, cached by content hash, read like catalog datasets.
+
+    ds = build_local_dataset("tsv", {"train": "sst2/train.tsv", "validation": "sst2/dev.tsv"})
+    ds.sources["validation"][0]        # random access, as tfds.data_source gives
+    ds.builder.info.splits["train"].num_examples
+
+The dataset lives in `cache_dir/<format>-<hash>/local_dataset/1.0.0/`, where the hash covers the
+format, the options and every input file's bytes: editing a file builds a new dataset; rerunning
+with the same files reuses the old one without reading them again beyond hashing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core.utils import tqdm_utils
+
+from transformer.data import readers
+from transformer.data.sources import DataError, OnError, Report, handle
+
+# Bump when the stored features or parsing change, so old caches are not reused.
+BUILDER_REVISION = "1"
+_TEXT = tfds.features.Text
+
+
+def default_cache_dir() -> pathlib.Path:
+    root = os.environ.get("TRANSFORMER_DATA_CACHE", "~/.cache/transformer/datasets")
+    return pathlib.Path(root).expanduser()
+
+
+def _feature_of(key: str, value: Any, where: str):
+    if isinstance(value, bool):
+        return np.bool_
+    if isinstance(value, int):
+        return np.int64
+    if isinstance(value, float):
+        return np.float32
+    if isinstance(value, str):
+        return _TEXT()
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return tfds.features.Sequence(_TEXT())
+    if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+        return tfds.features.Sequence(np.int64)
+    raise DataError(f"{where}: field {key!r} has unsupported value {value!r} (use str, number, list)")
+
+
+def features_for(fmt: str, first: dict[str, Any] | None) -> tfds.features.FeaturesDict:
+    """The TFDS features of a format; jsonl/csv/tsv take their fields from the first record."""
+    fixed = {
+        "text": {"text": _TEXT()},
+        "conll": {"tokens": tfds.features.Sequence(_TEXT()), "tags": tfds.features.Sequence(_TEXT())},
+        "squad": {
+            "id": _TEXT(),
+            "title": _TEXT(),
+            "context": _TEXT(),
+            "question": _TEXT(),
+            "answers": tfds.features.Sequence({"text": _TEXT(), "answer_start": np.int32}),
+        },
+        "semeval": {"id": _TEXT(), "sentence": _TEXT(), "relation": _TEXT(), "comment": _TEXT()},
+    }
+    if fmt in fixed:
+        spec = fixed[fmt]
+    elif fmt in ("csv", "tsv"):
+        spec = {k: _TEXT() for k in first if k != "source"}  # columns stay text; tasks parse labels
+    else:
+        where = first.get("source", "?")
+        spec = {k: _feature_of(k, v, where) for k, v in first.items() if k != "source"}
+    return tfds.features.FeaturesDict({**spec, "source": _TEXT()})
+
+
+class LocalDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """A dataset made from local files by `readers`, stored as ArrayRecord."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def __init__(self, *, fmt, split_files, options, on_error, features, data_dir):
+        self._fmt, self._split_files, self._options = fmt, split_files, options
+        self._on_error, self._features = on_error, features
+        self.reports: dict[str, Report] = {}
+        super().__init__(data_dir=data_dir, file_format="array_record")
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=f"Local {self._fmt} files: {json.dumps(self._split_files)}",
+            features=self._features,
+            disable_shuffling=True,  # keep file order: record i is the i-th one read
+        )
+
+    def _split_generators(self, dl_manager):
+        return {split: self._generate_examples(split, files) for split, files in
+                self._split_files.items()}
+
+    def _generate_examples(self, split, files):
+        report = self.reports.setdefault(split, Report())
+        keys = list(self._features.keys())
+        index = 0  # integer keys keep the file order in the stored dataset
+        for path in files:
+            records = readers.read_records(
+                path, self._fmt, on_error=self._on_error, report=report, **dict(self._options)
+            )
+            for example in records:
+                missing = [k for k in keys if k not in example]
+                if missing:
+                    handle(
+                        DataError(f"{example.get('source', path)}: missing field(s) {missing}"),
+                        self._on_error, report, "missing_fields",
+                    )
+                    continue
+                yield index, {k: example[k] for k in keys}
+                index += 1
+
+
+@dataclasses.dataclass
+class LocalBuild:
+    """A prepared local dataset: its builder, one data source per split, and parse reports."""
+
+    builder: tfds.core.DatasetBuilder
+    sources: dict[str, Any]
+    reports: dict[str, Report]
+
+    @property
+    def splits(self) -> dict[str, int]:
+        return {k: v.num_examples for k, v in self.builder.info.splits.items()}
+
+
+def _expand(files: str | pathlib.Path | Sequence[str | pathlib.Path]) -> list[str]:
+    patterns = [files] if isinstance(files, str | pathlib.Path) else list(files)
+    out = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(str(pattern))) if glob.has_magic(str(pattern)) else [pattern]
+        if not matches:
+            raise FileNotFoundError(f"no files match {pattern}")
+        for m in matches:
+            if not pathlib.Path(m).is_file():
+                raise FileNotFoundError(f"data file {m} does not exist")
+            out.append(str(pathlib.Path(m).resolve()))
+    return out
+
+
+def content_hash(fmt: str, split_files: Mapping[str, list[str]], options: Mapping, on_error) -> str:
+    h = hashlib.sha256(json.dumps([BUILDER_REVISION, fmt, dict(options), on_error],
+                                  sort_keys=True, default=str).encode())
+    for split in sorted(split_files):
+        h.update(split.encode())
+        for path in split_files[split]:
+            h.update(pathlib.Path(path).name.encode())
+            with open(path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def build_local_dataset(
+    fmt: str,
+    files: Mapping[str, str | pathlib.Path | Sequence[str | pathlib.Path]],
+    *,
+    cache_dir: str | pathlib.Path | None = None,
+    on_error: OnError = "raise",
+    **options: Any,
+) -> LocalBuild:
+    """Builds (or reuses) the ArrayRecord dataset of `files` ({split: file, glob or list}).
+
+    `fmt` is one of text, jsonl, csv, tsv, conll, squad, semeval; `options` go to the reader
+    (text: document='file'|'blank_line'|'line'; csv/tsv: columns=[...] when there is no header;
+    conll: token_column, tag_column; jsonl: fields={name: type}).
+    """
+    if fmt not in readers.FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; known: {sorted(readers.FORMATS)}")
+    split_files = {split: _expand(f) for split, f in files.items()}
+    digest = content_hash(fmt, split_files, options, on_error)
+    data_dir = pathlib.Path(cache_dir or default_cache_dir()) / f"{fmt}-{digest}"
+    version_dir = data_dir / "local_dataset" / "1.0.0"
+    report_file = version_dir / "parse_report.json"
+    if report_file.is_file():  # prepared before: features and splits come from disk
+        builder = tfds.builder_from_directory(str(version_dir))
+        reports = {k: Report.from_json(v) for k, v in json.loads(report_file.read_text()).items()}
+    else:
+        first = None
+        if fmt in ("jsonl", "csv", "tsv"):
+            first_file = next(iter(split_files.values()))[0]
+            first = next(readers.read_records(first_file, fmt, on_error="skip", **options), None)
+            if first is None:  # reread strictly for the precise error
+                list(readers.read_records(first_file, fmt, **options))
+        builder = LocalDataset(
+            fmt=fmt, split_files=split_files, options=options, on_error=on_error,
+            features=features_for(fmt, first), data_dir=str(data_dir),
+        )
+        was_active = getattr(tqdm_utils, "_active", True)
+        tfds.display_progress_bar(False)  # TFDS bars for a few local files are only noise
+        try:
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+            )
+        finally:
+            tfds.display_progress_bar(was_active)
+        reports = builder.reports
+        report_file.write_text(json.dumps({k: v.to_json() for k, v in reports.items()}))
+    sources = {split: builder.as_data_source(split=split) for split in builder.info.splits}
+    return LocalBuild(builder, sources, reports)

@@ -1,0 +1,1 @@
+"""The trainer: losses, optimizer, state and shardings, jitted steps, checkpoints, logging."""

@@ -1,0 +1,68 @@
+"""Multi-host start-up: `jax.distributed.initialize` when more than one process runs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import jax
+import ml_collections
+
+# Environment variables that mean "this process is one of several" for jax's auto-detection.
+_CLUSTER_HINTS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
+
+
+def _detected_processes() -> int:
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return int(os.environ["SLURM_NTASKS"])
+    if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        return int(os.environ["OMPI_COMM_WORLD_SIZE"])
+    hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+    return max(len(hosts), 1)
+
+
+def initialize(config: ml_collections.ConfigDict) -> None:
+    """A no-op on one process. With `config.distributed.coordinator_address` set, joins that
+    coordinator as `process_id` of `num_processes`; on a detected cluster (SLURM, Open MPI, a
+    multi-host TPU VM) lets jax find its peers."""
+    cfg = config.distributed
+    if cfg.coordinator_address:
+        _check_reachable(cfg.coordinator_address, cfg.process_id, cfg.initialization_timeout)
+        jax.distributed.initialize(
+            coordinator_address=cfg.coordinator_address,
+            num_processes=cfg.num_processes,
+            process_id=cfg.process_id,
+            initialization_timeout=cfg.initialization_timeout,
+        )
+    elif _detected_processes() > 1:
+        jax.distributed.initialize()
+    else:
+        return
+    logging.info(
+        "process %d of %d; %d local / %d global devices", jax.process_index(),
+        jax.process_count(), jax.local_device_count(), jax.device_count(),
+    )
+
+
+def _check_reachable(address: str, process_id: int, timeout: int) -> None:
+    """Give a Python error instead of the runtime's abort when the coordinator never answers.
+    Process 0 hosts the coordinator, so only the others check."""
+    if process_id == 0:
+        return
+    host, _, port = address.rpartition(":")
+    deadline_error = None
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2):
+                return
+        except OSError as error:
+            deadline_error = error
+            time.sleep(0.5)
+    raise ConnectionError(
+        f"coordinator {address} not reachable after {timeout}s ({deadline_error}); start process 0 "
+        "first and check config.distributed.coordinator_address"
+    )

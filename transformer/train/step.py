@@ -1,0 +1,141 @@
+"""The jitted train and eval steps: pure functions of (state, batch)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from transformer import sharding
+from transformer.train.losses import cross_entropy
+from transformer.train.optimizer import applied_steps
+from transformer.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+
+
+def make_loss_fn(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict) -> Callable:
+    """(params, batch, dropout_rng) → (loss_sum, sums): the model on one (micro)batch."""
+
+    def loss_fn(params: Any, batch: Batch, dropout_rng: jax.Array | None):
+        batch = {k: sharding.constrain(v, ("batch", "length")) for k, v in batch.items()}
+        model = nnx.merge(graphdef, params)
+        out = model(
+            batch["inputs"],
+            token_type_ids=batch.get("token_type_ids"),
+            segment_ids=batch["segment_ids"],
+            positions=batch["positions"],
+            dropout_rng=dropout_rng,
+        )
+        sums = cross_entropy(
+            out.logits, batch["targets"], batch["weights"],
+            label_smoothing=config.label_smoothing, z_loss=config.z_loss,
+        )
+        return sums["loss_sum"], sums
+
+    return loss_fn
+
+
+def _split_microbatches(batch: Batch, count: int) -> Batch:
+    """[B, ...] → [count, B / count, ...], microbatch i taking rows i, i + count, ...: every device
+    keeps its own rows (no data moves), and the union is the whole batch."""
+
+    def split(x: jax.Array) -> jax.Array:
+        return jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    config: ml_collections.ConfigDict,
+    state_shardings: TrainState,
+    batch_sharding: NamedSharding,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """One optimizer step over `config.grad_accum_steps` microbatches, jitted with the state
+    donated. A non-finite loss or gradient norm (a global check: every host agrees) skips the
+    update and is counted."""
+    loss_fn = make_loss_fn(graphdef, config)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    accum = config.grad_accum_steps
+    use_dropout = config.model.dropout_rate > 0 or config.model.attention_dropout_rate > 0
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+        def microbatch(carry: Any, inputs: tuple[Batch, jax.Array]) -> tuple[Any, None]:
+            mb, i = inputs
+            (_, sums), grads = grad_fn(state.params, mb, jax.random.fold_in(rng, i) if use_dropout
+                                       else None)
+            return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+        if accum == 1:
+            (_, sums), grads = grad_fn(state.params, batch, rng if use_dropout else None)
+        else:
+            _, zero_sums = jax.eval_shape(loss_fn, state.params, jax.tree.map(
+                lambda x: x[: x.shape[0] // accum], batch), None)
+            zeros = (jax.tree.map(jnp.zeros_like, state.params),
+                     jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_sums))
+            (grads, sums), _ = jax.lax.scan(
+                microbatch, zeros, (_split_microbatches(batch, accum), jnp.arange(accum))
+            )
+        total = jnp.maximum(sums["weight_sum"], 1.0)
+        grads = jax.tree.map(lambda g: g / total, grads)  # Mean over every token of the batch.
+        loss = sums["loss_sum"] / total
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep_if_finite = lambda new, old: jnp.where(finite, new, old)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=jax.tree.map(keep_if_finite, params, state.params),
+            opt_state=jax.tree.map(keep_if_finite, opt_state, state.opt_state),
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+            bad_streak=jnp.where(finite, 0, state.bad_streak + 1),
+        )
+        metrics = {
+            "loss": loss,
+            "nll": sums["nll_sum"] / total,
+            "accuracy": sums["correct_sum"] / total,
+            "tokens": sums["weight_sum"],
+            "grad_norm": grad_norm,
+            "learning_rate": schedule(applied_steps(state.opt_state)),
+            "skipped": new_state.skipped,
+            "bad_streak": new_state.bad_streak,
+        }
+        return new_state, metrics
+
+    replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
+    return jax.jit(
+        train_step,
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0,
+    )
+
+
+def make_eval_step(
+    graphdef: nnx.GraphDef,
+    config: ml_collections.ConfigDict,
+    params_sharding: Any,
+    batch_sharding: NamedSharding,
+) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+    """Loss sums of one batch (weights 0 on padding), to be added up over the whole split."""
+    loss_fn = make_loss_fn(graphdef, config)
+
+    def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
+        return loss_fn(params, batch, None)[1]
+
+    replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
+    return jax.jit(eval_step, in_shardings=(params_sharding, batch_sharding),
+                   out_shardings=replicated)

@@ -1,0 +1,295 @@
+"""The training loop: one linear function, in phases.
+
+mesh → data → model and optimizer → shardings → jitted steps → restore → loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+
+from transformer import sharding
+from transformer.data import pipeline
+from transformer.data.tokenizer import Tokenizer, load_tokenizer
+from transformer.models import ModelConfig
+from transformer.train import checkpointing, distributed, flops, optimizer
+from transformer.train import state as train_state
+from transformer.train import step as train_step_lib
+from transformer.train.metrics_log import MetricLog
+
+
+class NonFiniteError(FloatingPointError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+    """Trains (or resumes) the run described by `config` in `workdir`; returns the last metrics."""
+    # --- Set-up: processes, workdir, configs. -------------------------------------------------
+    distributed.initialize(config)
+    workdir = prepare_workdir(workdir)
+    model_config = ModelConfig.from_dict(config.model.to_dict())
+    rules = [tuple(r) for r in config.logical_axis_rules]
+
+    # --- Mesh. ------------------------------------------------------------------------------
+    mesh = sharding.make_mesh([config.mesh[a] for a in sharding.MESH_AXES])
+    check_batch(config, mesh)
+
+    # --- Data. ------------------------------------------------------------------------------
+    tokenizer = get_tokenizer(config)
+    check_vocab(model_config, tokenizer)
+    train_iter = iter(pipeline.create_pretraining_dataset(
+        config.data, config.data.train_split, tokenizer=tokenizer,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    ))
+
+    # --- Model, optimizer and their shardings (computed before anything is allocated). --------
+    tx, schedule = optimizer.make_optimizer(config)
+    init_fn = train_state.make_init_fn(model_config, tx, config.seed)
+    shapes = jax.eval_shape(init_fn)
+    params_sharding = train_state.param_shardings(model_config, mesh, rules)
+    shardings = train_state.state_shardings(shapes, params_sharding, mesh)
+    graphdef = nnx.graphdef(train_state.abstract_model(model_config))
+    seq_len = config.data.max_length
+    batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(
+        ("batch", "length"), rules, (config.data.global_batch_size, seq_len), mesh))
+
+    # --- Jitted steps. ----------------------------------------------------------------------
+    train_step = train_step_lib.make_train_step(
+        graphdef, tx, schedule, config, shardings, batch_sharding)
+    eval_step = train_step_lib.make_eval_step(graphdef, config, params_sharding, batch_sharding)
+
+    # --- Restore the latest checkpoint, or initialize (optionally from pretrained params). ----
+    checkpointer = checkpointing.Checkpointer(
+        workdir / "checkpoints", save_every=config.checkpoint_every,
+        max_to_keep=config.keep_checkpoints, keep_period=config.keep_period,
+        async_save=config.async_checkpointing,
+    )
+    latest = checkpointer.latest_step()
+    with sharding.use_mesh(mesh, rules):
+        if latest is not None:
+            logging.info("resuming from %s", checkpointer.directory / str(latest))
+            state = checkpointer.restore(
+                latest, train_state.abstract_state(shapes, shardings), train_iter)
+        else:
+            state = jax.jit(init_fn, out_shardings=shardings)()
+            if config.init_from:
+                state = state.replace(params=load_pretrained_params(
+                    config.init_from, shapes.params, params_sharding))
+    start_step = int(state.step)
+
+    # --- Train. -----------------------------------------------------------------------------
+    log = MetricLog(workdir, total_steps=config.num_train_steps, start_step=start_step)
+    tokens_per_step = config.data.global_batch_size * seq_len
+    flops_per_step = flops.flops_per_token(model_config, seq_len) * tokens_per_step
+    peak = flops.peak_flops(jax.devices()[0], config.peak_flops) * jax.device_count()
+    preempted = install_sigterm_handler()
+    pending, last_metrics = None, {}
+    window_start, window_steps = time.perf_counter(), 0
+    with sharding.use_mesh(mesh, rules):
+        for step in range(start_step, config.num_train_steps):
+            batch = to_global(next(train_iter), batch_sharding)
+            state, metrics = train_step(state, batch)
+            # Fetch the previous step's metrics only now, while this step runs on the device.
+            if pending is not None:
+                check_finite(pending[1], config.max_bad_steps, pending[0])
+                if pending[0] % config.log_every == 0:
+                    now = time.perf_counter()
+                    rate = window_steps / (now - window_start)
+                    last_metrics = {
+                        **{k: float(v) for k, v in pending[1].items()},
+                        "steps_per_s": rate,
+                        "tokens_per_s": rate * tokens_per_step,
+                        "mfu": rate * flops_per_step / peak,
+                    }
+                    log.write(pending[0], last_metrics)
+                    window_start, window_steps = now, 0
+            pending = (step + 1, metrics)
+            window_steps += 1
+            log.advance()
+            done = step + 1 == config.num_train_steps
+            checkpointer.save(step + 1, state, train_iter, config.to_dict(), force=done)
+            if config.eval_every and ((step + 1) % config.eval_every == 0 or done):
+                eval_metrics = evaluate(config, eval_step, state.params, tokenizer, batch_sharding)
+                log.write(step + 1, eval_metrics)
+                last_metrics.update(eval_metrics)
+                window_start = time.perf_counter()  # Evaluation time is not training time.
+            if stop_requested(preempted, step, config.preemption_check_every):
+                checkpointer.save(step + 1, state, train_iter, config.to_dict(), force=True)
+                log.message(f"SIGTERM: saved a checkpoint at step {step + 1}; exiting")
+                break
+        if pending is not None:
+            check_finite(pending[1], config.max_bad_steps, pending[0])
+    checkpointer.wait()
+    checkpointer.close()
+    log.close()
+    return {"state": state, "metrics": last_metrics, "tokenizer": tokenizer,
+            "model_config": model_config, "graphdef": graphdef, "mesh": mesh, "rules": rules}
+
+
+def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
+    if not workdir:
+        raise ValueError("no --workdir given: name a directory for checkpoints and metrics")
+    path = pathlib.Path(workdir).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"--workdir {path} exists and is not a directory")
+    if not path.parent.exists():
+        raise FileNotFoundError(
+            f"--workdir {path}: its parent {path.parent} does not exist; create it first")
+    path.mkdir(exist_ok=True)
+    if not os.access(path, os.W_OK):
+        raise PermissionError(f"--workdir {path} is not writable; choose another directory")
+    return path
+
+
+def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """The batch must split evenly over the data-parallel devices and the microbatches."""
+    batch = config.data.global_batch_size
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    per_step = data_parallel * config.grad_accum_steps
+    if batch % per_step:
+        raise ValueError(
+            f"data.global_batch_size={batch} is not divisible by data-parallel size "
+            f"{data_parallel} (mesh data×fsdp) × grad_accum_steps {config.grad_accum_steps}; "
+            f"use a multiple of {per_step}"
+        )
+    if config.model.position == "learned" and config.data.max_length > config.model.max_length:
+        raise ValueError(
+            f"data.max_length={config.data.max_length} exceeds the model's learned position "
+            f"table (model.max_length={config.model.max_length})"
+        )
+
+
+def get_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
+    """Loads `data.tokenizer`; trains and caches it first when `tokenizer_training` says how."""
+    path = pathlib.Path(config.data.tokenizer).expanduser()
+    training = config.tokenizer_training
+    if not path.exists() and training.files:
+        from transformer.data.sentencepiece_tokenizer import train_sentencepiece
+
+        if jax.process_index() == 0:
+            logging.info("training a %d-piece SentencePiece tokenizer → %s",
+                         training.vocab_size, path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.stem}.{os.getpid()}")
+            train_sentencepiece(
+                [f for f in training.files.split(",") if f], model_prefix=tmp,
+                vocab_size=training.vocab_size, model_type=training.model_type,
+                max_sentences=training.max_sentences,
+            )
+            os.replace(f"{tmp}.model", path)  # Atomic: a crash never leaves half a tokenizer.
+            os.remove(f"{tmp}.vocab")
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("tokenizer trained")
+    return load_tokenizer(path)
+
+
+def check_vocab(model_config: ModelConfig, tokenizer: Tokenizer) -> None:
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
+            f"{model_config.vocab_size}; set --config.model.vocab_size="
+            f"{tokenizer.padded_vocab_size()}"
+        )
+
+
+def to_global(batch: dict[str, np.ndarray], batch_sharding: NamedSharding) -> dict[str, jax.Array]:
+    """This process's rows → one global array per feature, sharded over the batch axis."""
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+        for k, v in batch.items()
+    }
+
+
+def check_finite(metrics: dict[str, jax.Array], max_bad_steps: int, step: int) -> None:
+    streak = int(metrics["bad_streak"])
+    if streak:
+        logging.warning("step %d: non-finite loss or gradient; update skipped (%d in a row, "
+                        "%d in total)", step, streak, int(metrics["skipped"]))
+    if streak >= max_bad_steps:
+        raise NonFiniteError(
+            f"{streak} consecutive steps (up to step {step}) had a non-finite loss or gradient; "
+            "stopping. Lower the learning rate, enable grad_clip_norm or z_loss, or inspect the "
+            f"data; the last good checkpoint is kept (max_bad_steps={max_bad_steps})"
+        )
+
+
+def evaluate(
+    config: ml_collections.ConfigDict,
+    eval_step: Any,
+    params: Any,
+    tokenizer: Tokenizer,
+    batch_sharding: NamedSharding,
+) -> dict[str, float]:
+    """Loss, perplexity and accuracy over the whole eval split (or `eval_steps` batches); the
+    last batch is padded with weight-0 rows, so every token counts exactly once."""
+    dataset = pipeline.create_pretraining_dataset(
+        config.data, config.data.eval_split, tokenizer=tokenizer, train=False,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    )
+    batches = iter(dataset)
+    totals, count, template = None, 0, None
+    while config.eval_steps is None or count < config.eval_steps:
+        batch = next(batches, None)
+        template = template if batch is None else batch
+        if not any_process_has(batch is not None) or template is None:
+            break
+        if batch is None:  # This process is done but others are not: feed a weight-0 batch.
+            batch = {k: np.zeros_like(v) for k, v in template.items()}
+        sums = eval_step(params, to_global(batch, batch_sharding))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        count += 1
+    if totals is None:
+        raise ValueError(f"the eval split {config.data.eval_split!r} produced no batches")
+    weight = max(float(totals["weight_sum"]), 1.0)
+    nll = float(totals["nll_sum"]) / weight
+    return {
+        "eval_loss": float(totals["loss_sum"]) / weight,
+        "eval_perplexity": float(np.exp(min(nll, 80.0))),
+        "eval_accuracy": float(totals["correct_sum"]) / weight,
+        "eval_tokens": float(totals["weight_sum"]),
+    }
+
+
+def any_process_has(value: bool) -> bool:
+    if jax.process_count() == 1:
+        return value
+    return bool(np.any(multihost_utils.process_allgather(np.array(value))))
+
+
+def install_sigterm_handler() -> dict[str, bool]:
+    """A preempted TPU VM gets SIGTERM: note it, save at the end of the step, exit cleanly."""
+    flag = {"stop": False}
+
+    def handler(signum: int, frame: Any) -> None:
+        flag["stop"] = True
+
+    signal.signal(signal.SIGTERM, handler)
+    return flag
+
+
+def stop_requested(flag: dict[str, bool], step: int, every: int) -> bool:
+    """All processes must agree to stop (each saves its part of the checkpoint). With several
+    processes the flags are exchanged every `every` steps, not every step, to keep the device
+    queue full."""
+    if jax.process_count() == 1:
+        return flag["stop"]
+    return step % every == 0 and any_process_has(flag["stop"])
+
+
+def load_pretrained_params(path: str, shapes: Any, params_sharding: Any) -> Any:
+    """Parameters only (for fine-tuning), from a model checkpoint directory."""
+    from transformer import model_io
+
+    return model_io.load_params(path, shapes, params_sharding)
