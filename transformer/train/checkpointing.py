@@ -6,6 +6,7 @@ renames it), so a run killed mid-save resumes from the previous complete checkpo
 
 from __future__ import annotations
 
+import logging
 import pathlib
 from typing import Any
 
@@ -65,10 +66,22 @@ class Checkpointer:
         restored in place."""
         check_shapes(self.state_shapes(step), abstract_state)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
+        if data_iterator is not None and self._has_data_state(step):
             items["data"] = grain.checkpoint.CheckpointRestore(item=data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"]
+
+    def _has_data_state(self, step: int) -> bool:
+        """Iterator states are per process: one saved by another process count cannot be
+        restored, so the data then restarts from the beginning of this process's shard."""
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if (self.directory / str(step) / "data" / name).exists():
+            return True
+        logging.warning(
+            "checkpoint %s has no data-iterator state for %d processes (it was saved by another "
+            "process count): the train state is restored, the data restarts from the beginning",
+            self.directory / str(step), jax.process_count())
+        return False
 
     def state_shapes(self, step: int) -> Any:
         """The saved state's tree of array metadata (shape, dtype), read without loading it."""

