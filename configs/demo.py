@@ -48,7 +48,7 @@ def get_config(arg: str = ""):
     c.eval_steps = None  # The whole held-out split.
     c.checkpoint_every = 100
 
-    c.samples.prompts = ("ROMEO.", "To be, or not to be", "")
+    c.samples.prompts = ("ROMEO.", "To be, or not to be", "KING HENRY.")
     c.samples.max_new_tokens = 48
 
     if arg == "ci":  # A few steps, for the test suite.

@@ -61,7 +61,7 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
 
     # Text samples printed at the end (decoders).
     c.samples = ml_collections.ConfigDict()
-    c.samples.prompts = ()  # Prompts to continue ("" = from BOS).
+    c.samples.prompts = ()  # Prompts to continue with the trained model (decoders).
     c.samples.max_new_tokens = 64
     c.samples.temperature = 0.8
     c.samples.top_k = 40

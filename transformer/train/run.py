@@ -1,23 +1,80 @@
-"""What `transformer.main` runs: train (or resume), then plot, export and sample."""
+"""What `transformer.main` runs: train (or resume), then plot, export the model, and sample."""
 
 from __future__ import annotations
 
 import logging
 import pathlib
+import shutil
+from typing import Any
 
 import jax
 import ml_collections
+from flax import nnx
 
+from transformer import model_io
+from transformer.inference import SamplingConfig, generate
 from transformer.train import plots, trainer
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     result = trainer.train_and_evaluate(config, workdir)
     workdir = pathlib.Path(workdir).expanduser().resolve()
+    model = nnx.merge(result["graphdef"], result["state"].params)
+    export = export_model(model, config, workdir / "model")
     if jax.process_index() == 0:
         if (plot := plots.plot_loss_curves(workdir)) is not None:
             logging.info("loss curves: %s", plot)
         summary = ", ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items()
                             if k in ("loss", "eval_loss", "eval_perplexity", "tokens_per_s"))
         print(f"finished at step {int(result['state'].step)}: {summary}", flush=True)
+        print(f"model: {export} (python -m transformer.generate --checkpoint={export} "
+              "--prompt=...)", flush=True)
+    if model.config.causal and config.samples.prompts:
+        write_samples(model, result["tokenizer"], config.samples, workdir / "samples.txt",
+                      mesh=result["mesh"], rules=result["rules"])
     return result
+
+
+def export_model(model: nnx.Module, config: ml_collections.ConfigDict, target: pathlib.Path):
+    """The trained parameters in the model-checkpoint format (`--config.init_from`,
+    `from_pretrained`, `transformer.generate`), with the tokenizer files."""
+    model_io.save_model(target, model)
+    tokenizer = pathlib.Path(config.data.tokenizer).expanduser()
+    if jax.process_index() == 0 and tokenizer.exists():
+        destination = target / "tokenizer"
+        if tokenizer.is_dir():
+            model_io.copy_tokenizer_files(tokenizer, destination)
+        else:  # Only this tokenizer's files: its folder may hold others.
+            destination.mkdir(parents=True, exist_ok=True)
+            companions = {"encoder.json": "vocab.bpe", "vocab.json": "merges.txt"}
+            for name in (tokenizer.name, companions.get(tokenizer.name)):
+                if name and (tokenizer.parent / name).exists():
+                    shutil.copy2(tokenizer.parent / name, destination / name)
+    return target
+
+
+def write_samples(
+    model: nnx.Module,
+    tokenizer: Any,
+    samples: ml_collections.ConfigDict,
+    path: pathlib.Path,
+    *,
+    mesh: jax.sharding.Mesh,
+    rules: Any,
+) -> None:
+    """Continue each prompt; print and save the texts."""
+    prompts = [tokenizer.add_special_tokens(tokenizer.encode(p))[0] for p in samples.prompts]
+    stop = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
+    sampling = SamplingConfig(
+        max_new_tokens=samples.max_new_tokens, temperature=samples.temperature,
+        top_k=samples.top_k, stop_tokens=stop, pad_id=tokenizer.pad_id or 0,
+    )
+    out = generate(model, prompts, sampling, rng=jax.random.key(0), mesh=mesh, rules=rules)
+    texts = [
+        tokenizer.decode([*ids, *(int(t) for t in tokens[:length])])
+        for ids, tokens, length in zip(prompts, out.tokens, out.lengths)
+    ]
+    if jax.process_index() == 0:
+        path.write_text("\n\n".join(texts) + "\n")
+        for text in texts:
+            print(f"--- sample\n{text}", flush=True)
