@@ -27,8 +27,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         summary = ", ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items()
                             if k in ("loss", "eval_loss", "eval_perplexity", "tokens_per_s"))
         print(f"finished at step {int(result['state'].step)}: {summary}", flush=True)
-        print(f"model: {export} (python -m transformer.generate --checkpoint={export} "
-              "--prompt=...)", flush=True)
+        use = "transformer.generate" if model.config.causal else "transformer.score"
+        print(f"model: {export} (python -m {use} --checkpoint={export} ...)", flush=True)
     if model.config.causal and config.samples.prompts:
         write_samples(model, result["tokenizer"], config.samples, workdir / "samples.txt",
                       mesh=result["mesh"], rules=result["rules"])

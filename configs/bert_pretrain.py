@@ -1,0 +1,66 @@
+"""BERT pretraining: masked LM (15% of tokens; 80% [MASK], 10% random, 10% kept), post-LN encoder.
+
+    # A pod, on English Wikipedia (tfds build wikipedia/20230601.en --file_format=array_record):
+    python -m transformer.main --config=configs/bert_pretrain.py:base --workdir=gs://bucket/bert \
+        --config.data.data_dir=gs://bucket/tfds --config.data.tokenizer=/path/vocab.txt
+    # This laptop, on the bundled Shakespeare corpus:
+    python -m transformer.main --config=configs/bert_pretrain.py:tiny --workdir=/tmp/bert-tiny
+
+Variants: tiny, base (110M), large (335M). `data.tokenizer` is a WordPiece `vocab.txt` or a
+`tokenizer.json`; the tiny variant trains a SentencePiece tokenizer with [CLS]/[SEP]/[MASK].
+No next-sentence prediction (RoBERTa showed it does not help); documents are packed.
+"""
+
+import pathlib
+
+from transformer.train.config import base_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PRESETS = {"tiny": "bert-tiny", "base": "bert-base", "large": "bert-large"}
+
+
+def get_config(arg: str = "base"):
+    if arg not in PRESETS:
+        raise ValueError(f"unknown variant {arg!r}; choose one of {sorted(PRESETS)}")
+    c = base_config(PRESETS[arg])
+    c.model.dtype = "bfloat16"
+    c.model.vocab_size = 30592  # 30522 WordPiece tokens padded to a multiple of 128.
+    c.data.dataset = "wikipedia/20230601.en"
+    c.data.tokenizer = "vocab.txt"  # Set on the command line.
+    c.data.objective = "mlm"
+    c.data.mlm_probability = 0.15
+    c.data.whole_word_masking = True
+    c.data.max_length = 512
+    c.data.global_batch_size = 256 if arg == "base" else 512
+    c.mesh.update({"data": -1, "fsdp": 1, "tensor": 1})  # Pure data parallelism fits BERT.
+    c.num_train_steps = 1_000_000
+    c.learning_rate = 1e-4
+    c.warmup_steps = 10_000
+    c.schedule = "linear"
+    c.end_lr_fraction = 0.0
+    c.weight_decay = 0.01
+    c.adam_b2 = 0.999
+    c.adam_eps = 1e-6
+    c.eval_every = 5000
+    c.eval_steps = 100
+    c.checkpoint_every = 5000
+
+    if arg == "tiny":  # On one CPU host, on the bundled corpus.
+        corpus = REPO / "data" / "shakespeare"
+        c.model.update(dict(vocab_size=4096, max_length=128, dtype="float32",
+                            dropout_rate=0.0, attention_dropout_rate=0.0))
+        c.tokenizer_training.files = str(corpus / "train.txt.gz")
+        c.tokenizer_training.vocab_size = 4096
+        c.data.tokenizer = str(corpus / "cache" / "shakespeare_sp4096.model")
+        c.data.cache_dir = str(corpus / "cache")
+        c.data.dataset = ""
+        c.data.local_format = "text"
+        c.data.local_options.document = "blank_line"
+        c.data.local_files.train = str(corpus / "train.txt.gz")
+        c.data.local_files.validation = str(corpus / "validation.txt.gz")
+        c.data.whole_word_masking = False
+        c.data.max_length = 128
+        c.data.global_batch_size = 16
+        c.num_train_steps, c.learning_rate, c.warmup_steps = 200, 1e-3, 20
+        c.eval_every, c.eval_steps, c.checkpoint_every = 100, 8, 100
+    return c
