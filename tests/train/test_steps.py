@@ -187,3 +187,15 @@ def test_bad_batch_and_mesh_fail_before_compiling():
         trainer.check_batch(config, sharding.make_mesh((2, 4, 1)))
     with pytest.raises(ValueError, match="has 6 devices but 8 are available"):
         sharding.make_mesh((2, 3, 1))
+
+
+def test_checkpoints_keep_the_last_n_plus_every_mth(tmp_path):
+    state = {"x": np.arange(4.0)}
+    ckpt = checkpointing.Checkpointer(tmp_path, save_every=1, max_to_keep=2, keep_period=4,
+                                      async_save=False)
+    for step in range(1, 11):
+        ckpt.save(step, state, None, {"step": step})
+    ckpt.wait()
+    assert ckpt.all_steps() == [4, 8, 9, 10]
+    assert ckpt.restore_config(9) == {"step": 9}
+    ckpt.close()
