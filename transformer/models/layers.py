@@ -76,6 +76,13 @@ class MLP(nnx.Module):
         return constrain(y, ("batch", "length", "act_embed"))
 
 
+def _lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """Rows of `table`, gathered from a replicated copy: a gather from a vocab- or embed-sharded
+    table would need an all-to-all into the batch-sharded layout, which SPMD does by replicating
+    the result instead (slower, and loud)."""
+    return jnp.take(constrain(table, (None, None)), ids, axis=0)
+
+
 class Embeddings(nnx.Module):
     """Token embeddings plus absolute positions (learned or sinusoidal) and token types."""
 
@@ -97,18 +104,14 @@ class Embeddings(nnx.Module):
     ) -> jax.Array:
         cfg = self.config
         dtype = dtype_of(cfg.dtype)
-        # Gather from a replicated copy of the table: a gather from a vocab- or embed-sharded
-        # table would need an all-to-all into the batch-sharded layout, which SPMD does by
-        # replicating the result instead (slower, and loud).
-        table = constrain(self.tokens[...].astype(dtype), (None, None))
-        x = jnp.take(table, input_ids, axis=0)
+        x = _lookup(self.tokens[...].astype(dtype), input_ids)
         if cfg.position == "learned":
-            x = x + jnp.take(self.positions[...], positions, axis=0).astype(dtype)
+            x = x + _lookup(self.positions[...].astype(dtype), positions)
         elif cfg.position == "sinusoidal":
             x = x + pos.sinusoidal(positions, cfg.hidden_size).astype(dtype)
         if cfg.type_vocab_size:
             types = jnp.zeros_like(input_ids) if token_type_ids is None else token_type_ids
-            x = x + jnp.take(self.token_types[...], types, axis=0).astype(dtype)
+            x = x + _lookup(self.token_types[...].astype(dtype), types)
         return constrain(x, ("batch", "length", "act_embed"))
 
     def attend(self, x: jax.Array) -> jax.Array:
