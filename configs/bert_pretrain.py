@@ -11,11 +11,9 @@ Variants: tiny, base (110M), large (335M). `data.tokenizer` is a WordPiece `voca
 No next-sentence prediction (RoBERTa showed it does not help); documents are packed.
 """
 
-import pathlib
-
+from configs.bundled_corpus import use_bundled_corpus
 from transformer.train.config import base_config
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 PRESETS = {"tiny": "bert-tiny", "base": "bert-base", "large": "bert-large"}
 
 
@@ -46,21 +44,10 @@ def get_config(arg: str = "base"):
     c.checkpoint_every = 5000
 
     if arg == "tiny":  # On one CPU host, on the bundled corpus.
-        corpus = REPO / "data" / "shakespeare"
-        c.model.update(dict(vocab_size=4096, max_length=128, dtype="float32",
-                            dropout_rate=0.0, attention_dropout_rate=0.0))
-        c.tokenizer_training.files = str(corpus / "train.txt.gz")
-        c.tokenizer_training.vocab_size = 4096
-        c.data.tokenizer = str(corpus / "cache" / "shakespeare_sp4096.model")
-        c.data.cache_dir = str(corpus / "cache")
-        c.data.dataset = ""
-        c.data.local_format = "text"
-        c.data.local_options.document = "blank_line"
-        c.data.local_files.train = str(corpus / "train.txt.gz")
-        c.data.local_files.validation = str(corpus / "validation.txt.gz")
+        use_bundled_corpus(c)
+        c.model.update(dict(max_length=128, dtype="float32", dropout_rate=0.0,
+                            attention_dropout_rate=0.0))
         c.data.whole_word_masking = False
-        c.data.max_length = 128
-        c.data.global_batch_size = 16
         c.num_train_steps, c.learning_rate, c.warmup_steps = 200, 1e-3, 20
         c.eval_every, c.eval_steps, c.checkpoint_every = 100, 8, 100
     return c

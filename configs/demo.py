@@ -8,17 +8,13 @@ generated samples. Rerunning the command resumes from the last checkpoint (and, 
 only evaluates and samples again).
 """
 
-import pathlib
-
+from configs.bundled_corpus import use_bundled_corpus
 from transformer.train.config import base_config
-
-CORPUS = pathlib.Path(__file__).resolve().parents[1] / "data" / "shakespeare"
 
 
 def get_config(arg: str = ""):
     c = base_config("gpt2-tiny")
     # A ~5M-parameter GPT: 4 pre-LN layers of width 256, RoPE-free learned positions.
-    c.model.vocab_size = 4096
     c.model.hidden_size = 256
     c.model.num_layers = 4
     c.model.num_heads = 4
@@ -27,16 +23,7 @@ def get_config(arg: str = ""):
     c.model.dropout_rate = 0.0
     c.model.attention_dropout_rate = 0.0
 
-    c.tokenizer_training.files = str(CORPUS / "train.txt.gz")
-    c.tokenizer_training.vocab_size = 4096
-    c.data.tokenizer = str(CORPUS / "cache" / "shakespeare_sp4096.model")
-    c.data.local_format = "text"
-    c.data.local_files.train = str(CORPUS / "train.txt.gz")
-    c.data.local_files.validation = str(CORPUS / "validation.txt.gz")
-    c.data.local_options.document = "blank_line"
-    c.data.cache_dir = str(CORPUS / "cache")
-    c.data.max_length = 128
-    c.data.global_batch_size = 16
+    use_bundled_corpus(c)
     c.data.objective = "causal"
 
     c.num_train_steps = 300

@@ -11,11 +11,9 @@ GPT-2 BPE files (a folder with encoder.json + vocab.bpe, or a tokenizer.json, e.
 Face `gpt2` folder). The tiny variant trains its own SentencePiece tokenizer on the bundled corpus.
 """
 
-import pathlib
-
+from configs.bundled_corpus import use_bundled_corpus
 from transformer.train.config import base_config
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 PRESETS = {"tiny": "gpt2-tiny", "small": "gpt2", "medium": "gpt2-medium", "large": "gpt2-large",
            "xl": "gpt2-xl"}
 
@@ -45,22 +43,9 @@ def get_config(arg: str = "small"):
     c.keep_period = 50_000
 
     if arg == "tiny":  # On one CPU host, on the bundled corpus.
-        corpus = REPO / "data" / "shakespeare"
+        use_bundled_corpus(c)
         c.model.update(dict(hidden_size=128, num_layers=2, num_heads=4, mlp_dim=512, max_length=128,
                             dtype="float32", remat_policy="none"))
-        c.model.vocab_size = 4096
-        c.tokenizer_training.files = str(corpus / "train.txt.gz")
-        c.tokenizer_training.vocab_size = 4096
-        c.data.tokenizer = str(corpus / "cache" / "shakespeare_sp4096.model")
-        c.data.cache_dir = str(corpus / "cache")
-        c.data.dataset = ""
-        c.data.local_format = "text"
-        c.data.local_options.document = "blank_line"
-        c.data.local_files.train = str(corpus / "train.txt.gz")
-        c.data.local_files.validation = str(corpus / "validation.txt.gz")
-        c.data.max_length = 128
-        c.data.global_batch_size = 16
-        c.mesh.update({"data": 1, "fsdp": -1, "tensor": 1})
         c.num_train_steps, c.learning_rate, c.warmup_steps = 200, 1e-3, 20
         c.eval_every, c.eval_steps, c.checkpoint_every = 100, 8, 100
     return c

@@ -10,11 +10,9 @@ Variants: tiny, 1b (Llama-3.2-1B shape), 7b (Llama-2-7B shape). `data.tokenizer`
 SentencePiece `tokenizer.model` or a `tokenizer.json`.
 """
 
-import pathlib
-
+from configs.bundled_corpus import use_bundled_corpus
 from transformer.train.config import base_config
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 PRESETS = {"tiny": "llama-tiny", "1b": "llama-1b", "7b": "llama-7b"}
 
 
@@ -46,20 +44,8 @@ def get_config(arg: str = "7b"):
     c.keep_period = 20_000
 
     if arg == "tiny":  # On one CPU host, on the bundled corpus.
-        corpus = REPO / "data" / "shakespeare"
-        c.model.update(dict(vocab_size=4096, max_length=256, dtype="float32", remat_policy="none"))
-        c.tokenizer_training.files = str(corpus / "train.txt.gz")
-        c.tokenizer_training.vocab_size = 4096
-        c.data.tokenizer = str(corpus / "cache" / "shakespeare_sp4096.model")
-        c.data.cache_dir = str(corpus / "cache")
-        c.data.dataset = ""
-        c.data.local_format = "text"
-        c.data.local_options.document = "blank_line"
-        c.data.local_files.train = str(corpus / "train.txt.gz")
-        c.data.local_files.validation = str(corpus / "validation.txt.gz")
-        c.data.max_length = 128
-        c.data.global_batch_size = 16
-        c.mesh.update({"data": 1, "fsdp": -1, "tensor": 1})
+        use_bundled_corpus(c)
+        c.model.update(dict(max_length=256, dtype="float32", remat_policy="none"))
         c.num_train_steps, c.learning_rate, c.warmup_steps, c.z_loss = 200, 1e-3, 20, 0.0
         c.eval_every, c.eval_steps, c.checkpoint_every = 100, 8, 100
     return c
