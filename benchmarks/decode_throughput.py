@@ -23,6 +23,7 @@ import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers must never reach the network.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # Run from anywhere.
 
 import jax  # noqa: E402
