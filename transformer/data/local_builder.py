@@ -11,7 +11,9 @@ with the same files reuses the old one without reading them again beyond hashing
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import glob
 import hashlib
 import json
@@ -181,6 +183,23 @@ def build_local_dataset(
     data_dir = pathlib.Path(cache_dir or default_cache_dir()) / f"{fmt}-{digest}"
     version_dir = data_dir / "local_dataset" / "1.0.0"
     report_file = version_dir / "parse_report.json"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(data_dir / ".build.lock"):  # processes sharing a cache build it once
+        return _build_or_reuse(fmt, split_files, options, on_error, data_dir, report_file)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: pathlib.Path):
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _build_or_reuse(fmt, split_files, options, on_error, data_dir, report_file) -> LocalBuild:
+    version_dir = report_file.parent
     if report_file.is_file():  # prepared before: features and splits come from disk
         builder = tfds.builder_from_directory(str(version_dir))
         reports = {k: Report.from_json(v) for k, v in json.loads(report_file.read_text()).items()}
