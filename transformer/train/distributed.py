@@ -27,8 +27,8 @@ def _detected_processes() -> int:
 def initialize(config: ml_collections.ConfigDict) -> None:
     """A no-op on one process. With `config.distributed.coordinator_address` set (or else
     JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID), joins that coordinator as
-    `process_id` of `num_processes`; on a detected cluster (SLURM, Open MPI, a
-    multi-host TPU VM) lets jax find its peers."""
+    `process_id` of `num_processes`; on a detected cluster (SLURM, Open MPI, a multi-host TPU
+    VM), or with `num_processes` > 1 and no address, lets jax find its peers."""
     cfg = config.distributed
     address, count, index = cfg.coordinator_address, cfg.num_processes, cfg.process_id
     if not address and all(os.environ.get(k) for k in _ENV_SETTINGS):  # Set by a launcher.
@@ -41,8 +41,8 @@ def initialize(config: ml_collections.ConfigDict) -> None:
             process_id=int(index),
             initialization_timeout=cfg.initialization_timeout,
         )
-    elif _detected_processes() > 1:
-        jax.distributed.initialize()
+    elif _detected_processes() > 1 or cfg.num_processes > 1:  # E.g. a TPU VM pod (metadata).
+        jax.distributed.initialize(initialization_timeout=cfg.initialization_timeout)
     else:
         return
     logging.info(

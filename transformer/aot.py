@@ -1,0 +1,220 @@
+"""Ahead-of-time compilation of the full train step for a TPU topology, on any machine.
+
+    python -m transformer.aot --config=configs/gpt2_pretrain.py --topology=v5p-256
+    python -m transformer.aot --preset=llama-7b --topology=v5p-64 --config.mesh.tensor=4
+    python -m transformer.aot --config=configs/demo.py:ci --topology=v5e:2x2 --json
+
+Builds the abstract train state and batch with the shardings the trainer would use on that
+topology's devices and the recipe's mesh, lowers and compiles the train step with libtpu, and
+prints per-device memory against the chip's HBM. Exits 1 when it does not fit, 2 on bad usage.
+Needs libtpu (`pip install libtpu==0.0.42.1`, the version jax 0.10.2 pins); no TPU is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from transformer.aot_memory import Topology, format_report, memory_report, parse_topology
+
+LIBTPU_INSTALL = "pip install libtpu==0.0.42.1"
+# Presets beyond transformer.models.PRESETS, shaped like published models, for capacity planning.
+EXTRA_PRESETS = {
+    # Llama-2-70B: GQA 64/8, SwiGLU width 28672.
+    "llama-70b": ("llama-7b", dict(hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8,
+                                   mlp_dim=28672)),
+}
+
+
+class DoesNotFit(RuntimeError):
+    """The compiler ran out of HBM for this program on this topology."""
+
+
+def _set_tpu_env(topology: Topology) -> None:
+    # Must precede the first libtpu load. JAX_PLATFORMS=cpu keeps jax's default backend on the CPU
+    # (no TPU to open); libtpu is then used only as the compiler for the described topology.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ["TPU_ACCELERATOR_TYPE"] = topology.accelerator_type
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # Other jax processes may hold it.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def topology_devices(topology: Topology, num_slices: int = 1) -> list[Any]:
+    """The (virtual) devices of `num_slices` slices of `topology`, to build a mesh over."""
+    if importlib.util.find_spec("libtpu") is None:
+        raise ModuleNotFoundError(
+            f"ahead-of-time TPU compilation needs libtpu: {LIBTPU_INSTALL} (CPU-only machines too)")
+    _set_tpu_env(topology)
+    from jax.experimental import topologies
+
+    extra = {"chip_config_name": "megacore"} if topology.generation == "v4" else {}
+    desc = topologies.get_topology_desc(
+        platform="tpu", topology_name=topology.name,
+        chips_per_host_bounds=topology.chips_per_host_bounds, num_slices=num_slices, **extra)
+    return list(desc.devices)
+
+
+def preset_config(name: str) -> Any:
+    """A trainer config for a model preset (or EXTRA_PRESETS) with pretraining-like settings:
+    bfloat16 compute, full rematerialization, the model's usual sequence length."""
+    from transformer.train.config import base_config
+
+    base, overrides = EXTRA_PRESETS.get(name, (name, {}))
+    config = base_config(base)
+    config.model.update(overrides)
+    config.model.dtype = "bfloat16"
+    config.model.remat_policy = "full"
+    config.model.dropout_rate = config.model.attention_dropout_rate = 0.0
+    config.data.max_length = min(config.model.max_length, 4096)
+    return config
+
+
+def compile_train_step(config: Any, devices: list[Any]) -> tuple[Any, Any, Any, Any]:
+    """(compiled step, mesh, abstract state, abstract batch) for `config` on `devices`."""
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding
+
+    from transformer import sharding
+    from transformer.models import ModelConfig
+    from transformer.train import optimizer
+    from transformer.train import state as train_state
+    from transformer.train import step as step_lib
+    from transformer.train.trainer import check_batch
+
+    model_config = ModelConfig.from_dict(config.model.to_dict())
+    rules = [tuple(r) for r in config.logical_axis_rules]
+    mesh = sharding.make_mesh([config.mesh[a] for a in sharding.MESH_AXES], devices=devices)
+    check_batch(config, mesh)
+    tx, schedule = optimizer.make_optimizer(config)
+    shapes = jax.eval_shape(train_state.make_init_fn(model_config, tx, config.seed))
+    params_sharding = train_state.param_shardings(model_config, mesh, rules)
+    shardings = train_state.state_shardings(shapes, params_sharding, mesh)
+    abstract_state = train_state.abstract_state(shapes, shardings)
+    graphdef = nnx.graphdef(train_state.abstract_model(model_config))
+    batch_shape = (config.data.global_batch_size, config.data.max_length)
+    batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(
+        ("batch", "length"), rules, batch_shape, mesh))
+    dtypes = {"inputs": "int32", "targets": "int32", "weights": "float32",
+              "segment_ids": "int32", "positions": "int32"}
+    batch = {k: jax.ShapeDtypeStruct(batch_shape, d, sharding=batch_sharding)
+             for k, d in dtypes.items()}
+    step = step_lib.make_train_step(graphdef, tx, schedule, config, shardings, batch_sharding)
+    with sharding.use_mesh(mesh, rules):
+        lowered = step.lower(abstract_state, batch)
+    try:
+        compiled = lowered.compile()
+    except Exception as error:  # XlaRuntimeError; its type moves between jax versions.
+        if "RESOURCE_EXHAUSTED" in str(error) or "HbmOom" in str(error):
+            raise DoesNotFit(str(error).strip().splitlines()[0][:600]) from error
+        raise
+    return compiled, mesh, abstract_state, batch
+
+
+def apply_overrides(config: Any, overrides: list[str]) -> None:
+    """`--config.a.b=value` on the command line: literals (numbers, tuples, True) or strings."""
+    for item in overrides:
+        key, sep, text = item[len("--config."):].partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} needs a value: --config.{key}=VALUE")
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        if leaf not in node:
+            raise ValueError(f"unknown config field {key!r}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        node[leaf] = value
+
+
+def run(config: Any, topology: Topology, num_slices: int = 1,
+        per_device_batch: int = 0) -> dict[str, Any]:
+    """Compiles and measures; the report dict (also when the compiler says it does not fit).
+    `per_device_batch` > 0 sets the global batch to that many rows per data-parallel device."""
+    from transformer import sharding
+    from transformer.models import ModelConfig, count_params
+
+    devices = topology_devices(topology, num_slices)
+    if per_device_batch:
+        mesh = sharding.make_mesh([config.mesh[a] for a in sharding.MESH_AXES], devices=devices)
+        config.data.global_batch_size = per_device_batch * mesh.shape["data"] * mesh.shape["fsdp"]
+    result: dict[str, Any] = {
+        "topology": topology.accelerator_type, "topology_grid": topology.name,
+        "num_slices": num_slices, "devices": len(devices),
+        "params": count_params(ModelConfig.from_dict(config.model.to_dict())),
+        "global_batch_size": config.data.global_batch_size, "seq_len": config.data.max_length,
+    }
+    start = time.perf_counter()
+    try:
+        compiled, mesh, abstract_state, batch = compile_train_step(config, devices)
+    except DoesNotFit as error:
+        result.update(fits=False, error=str(error), hbm_bytes=topology.hbm_bytes)
+        return result
+    result["mesh"] = dict(mesh.shape)
+    result["compile_s"] = round(time.perf_counter() - start, 1)
+    result.update(memory_report(compiled.memory_analysis(), abstract_state, batch,
+                                topology.hbm_bytes))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m transformer.aot", description=__doc__.split("\n\n")[0],
+        epilog="Any --config.FIELD=VALUE overrides a field of the recipe or preset config.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="recipe file[:variant], e.g. configs/gpt2_pretrain.py")
+    source.add_argument("--preset", help="a model preset instead of a recipe (also: llama-70b)")
+    parser.add_argument("--topology", required=True,
+                        help="v5p-256, v5litepod-16 (= v5e-16), v6e-8, v4-32, or v5e:2x2, v5p:4x4x8")
+    parser.add_argument("--num_slices", type=int, default=1, help="multislice: slices over DCN")
+    parser.add_argument("--per_device_batch", type=int, default=0,
+                        help="set data.global_batch_size to this × the data-parallel devices")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of results")
+    args, rest = parser.parse_known_args(argv)
+    if bad := [a for a in rest if not a.startswith("--config.")]:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    try:
+        topology = parse_topology(args.topology)
+        if args.config:
+            from transformer.main import load_recipe
+
+            config = load_recipe(args.config)
+        else:
+            config = preset_config(args.preset)
+        apply_overrides(config, rest)
+    except (ValueError, KeyError, FileNotFoundError) as error:
+        parser.error(str(error))
+    except Exception as error:  # A recipe's own usage error (absl UsageError).
+        parser.error(f"{type(error).__name__}: {error}")
+    try:
+        result = run(config, topology, args.num_slices, args.per_device_batch)
+    except ModuleNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    name = args.preset or args.config
+    print(f"{name}: {result['params'] / 1e6:.1f}M parameters, batch {result['global_batch_size']} × "
+          f"{result['seq_len']}, on {topology.accelerator_type} ({topology.name}, "
+          f"{result['devices']} devices" + (f", {args.num_slices} slices" if args.num_slices > 1
+                                            else "") + ")")
+    if "error" in result:
+        print(f"  does not fit: the compiler ran out of HBM: {result['error']}")
+    else:
+        print(f"  mesh {result['mesh']}; compiled in {result['compile_s']} s")
+        print(format_report(result))
+    if args.json:
+        print(json.dumps(result))
+    return 0 if result["fits"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
