@@ -199,3 +199,24 @@ def test_checkpoints_keep_the_last_n_plus_every_mth(tmp_path):
     assert ckpt.all_steps() == [4, 8, 9, 10]
     assert ckpt.restore_config(9) == {"step": 9}
     ckpt.close()
+
+
+def test_losses_match_float64_reference():
+    from transformer.train.losses import cross_entropy
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 11)).astype(np.float32) * 3
+    targets = rng.integers(0, 11, (2, 5))
+    weights = (rng.random((2, 5)) > 0.3).astype(np.float32)
+    x = logits.astype(np.float64)
+    log_z = np.log(np.exp(x).sum(-1))
+    log_p = x - log_z[..., None]
+    nll = -np.take_along_axis(log_p, targets[..., None], -1)[..., 0]
+    smooth, z = 0.1, 1e-3
+    smoothed = (1 - smooth) * nll - smooth * log_p.mean(-1)
+    sums = cross_entropy(logits, targets, weights, label_smoothing=smooth, z_loss=z)
+    np.testing.assert_allclose(sums["nll_sum"], (nll * weights).sum(), rtol=1e-5)
+    np.testing.assert_allclose(sums["loss_sum"], ((smoothed + z * log_z**2) * weights).sum(),
+                               rtol=1e-5)
+    np.testing.assert_allclose(sums["weight_sum"], weights.sum())
+    np.testing.assert_allclose(sums["correct_sum"], ((x.argmax(-1) == targets) * weights).sum())

@@ -25,11 +25,11 @@ def cross_entropy(
     """
     logits = logits.astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
-    log_probs = logits - log_z[..., None]
-    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    # log p(target) = logit(target) - log Z: no [batch, length, vocab] array of log-probabilities.
+    nll = log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     loss = nll
     if label_smoothing:
-        loss = (1.0 - label_smoothing) * nll - label_smoothing * log_probs.mean(axis=-1)
+        loss = (1.0 - label_smoothing) * nll + label_smoothing * (log_z - logits.mean(axis=-1))
     z_term = z_loss * jnp.square(log_z)
     weights = weights.astype(jnp.float32)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
