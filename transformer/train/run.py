@@ -13,14 +13,19 @@ from flax import nnx
 
 from transformer import model_io
 from transformer.inference import SamplingConfig, generate
+from transformer.train import best as best_lib
 from transformer.train import plots, trainer
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     result = trainer.train_and_evaluate(config, workdir)
+    config = result["config"]  # With `init_from` resolved (architecture, tokenizer).
     workdir = pathlib.Path(workdir).expanduser().resolve()
     model = nnx.merge(result["graphdef"], result["state"].params)
     export = export_model(model, config, workdir / "model")
+    if config.objective != "lm":
+        report_finetuning(result, workdir, export)
+        return result
     if jax.process_index() == 0:
         if (plot := plots.plot_loss_curves(workdir)) is not None:
             logging.info("loss curves: %s", plot)
@@ -35,10 +40,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return result
 
 
+def report_finetuning(result: dict, workdir: pathlib.Path, export: pathlib.Path) -> None:
+    """The final and best evaluation metrics, and where the models are."""
+    if jax.process_index() != 0:
+        return
+    final = {k: v for k, v in result["metrics"].items() if k.startswith("eval_")}
+    print(f"finished at step {int(result['state'].step)}: "
+          + ", ".join(f"{k}={v:.4g}" for k, v in final.items() if not k.startswith("eval_count")),
+          flush=True)
+    if (best := result["best"]) is not None:
+        print(f"best: {best['metric']}={best['value']:.4g} at step {best['step']} → "
+              f"{workdir / 'best'}", flush=True)
+    print(f"final model: {export}; evaluate with: python -m transformer.evaluate "
+          f"--config=<recipe> --checkpoint={workdir / 'best'} --split=<split>", flush=True)
+
+
 def export_model(model: nnx.Module, config: ml_collections.ConfigDict, target: pathlib.Path):
     """The trained parameters in the model-checkpoint format (`--config.init_from`,
-    `from_pretrained`, `transformer.generate`), with the tokenizer files."""
-    model_io.save_model(target, model)
+    `from_pretrained`, `transformer.generate`; task models: `transformer.evaluate`), with the
+    tokenizer files."""
+    best_lib.save_task_model(target, model)
     tokenizer = pathlib.Path(config.data.tokenizer).expanduser()
     if jax.process_index() == 0 and tokenizer.exists():
         destination = target / "tokenizer"

@@ -27,13 +27,25 @@ class TrainState:
     bad_streak: jax.Array  # Consecutive skipped updates (the run stops when it gets too long).
 
 
-def abstract_model(model_config: ModelConfig) -> nnx.Module:
-    return nnx.eval_shape(lambda: MODELS[model_config.architecture](model_config, rngs=nnx.Rngs(0)))
+Builder = Callable[[nnx.Rngs], nnx.Module]
 
 
-def param_shardings(model_config: ModelConfig, mesh: Mesh, rules: sharding.Rules) -> Any:
+def model_builder(model_config: ModelConfig, build: Builder | None = None) -> Builder:
+    """`build` (e.g. a backbone with a task head), or the plain model of `model_config`."""
+    if build is not None:
+        return build
+    return lambda rngs: MODELS[model_config.architecture](model_config, rngs=rngs)
+
+
+def abstract_model(model_config: ModelConfig, build: Builder | None = None) -> nnx.Module:
+    return nnx.eval_shape(lambda: model_builder(model_config, build)(nnx.Rngs(0)))
+
+
+def param_shardings(
+    model_config: ModelConfig, mesh: Mesh, rules: sharding.Rules, build: Builder | None = None
+) -> Any:
     """NamedShardings of the parameters (nested dict), from their logical axes and the rules."""
-    abstract = abstract_model(model_config)
+    abstract = abstract_model(model_config, build)
     sharding.check_rules(abstract, rules)
     state = nnx.state(abstract, nnx.Param)
     return nnx.to_pure_dict(sharding.state_shardings(state, mesh, rules))
@@ -77,10 +89,13 @@ def state_shardings(
 
 
 def make_init_fn(
-    model_config: ModelConfig, tx: optax.GradientTransformation, seed: int
+    model_config: ModelConfig, tx: optax.GradientTransformation, seed: int,
+    build: Builder | None = None,
 ) -> Callable[[], TrainState]:
+    make = model_builder(model_config, build)
+
     def init() -> TrainState:
-        model = MODELS[model_config.architecture](model_config, rngs=nnx.Rngs(seed))
+        model = make(nnx.Rngs(seed))
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return TrainState(
             step=jnp.zeros((), jnp.int32),

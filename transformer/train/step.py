@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from transformer import sharding
-from transformer.train.losses import cross_entropy
+from transformer.train.objectives import get_objective
 from transformer.train.optimizer import applied_steps
 from transformer.train.state import TrainState
 
@@ -21,25 +21,22 @@ Batch = dict[str, jax.Array]
 
 
 def make_loss_fn(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict) -> Callable:
-    """(params, batch, dropout_rng) → (loss_sum, sums): the model on one (micro)batch."""
+    """(params, batch, dropout_rng) → (loss_sum, sums): the model on one (micro)batch, with the
+    loss of `config.objective`."""
+    objective = get_objective(config.objective)
 
     def loss_fn(params: Any, batch: Batch, dropout_rng: jax.Array | None):
-        batch = {k: sharding.constrain(v, ("batch", "length")) for k, v in batch.items()}
+        batch = {k: sharding.constrain(v, _axes(objective.batch_axes, v.ndim))
+                 for k, v in batch.items()}
         model = nnx.merge(graphdef, params)
-        out = model(
-            batch["inputs"],
-            token_type_ids=batch.get("token_type_ids"),
-            segment_ids=batch["segment_ids"],
-            positions=batch["positions"],
-            dropout_rng=dropout_rng,
-        )
-        sums = cross_entropy(
-            out.logits, batch["targets"], batch["weights"],
-            label_smoothing=config.label_smoothing, z_loss=config.z_loss,
-        )
+        sums = objective.loss(model, batch, dropout_rng, config)
         return sums["loss_sum"], sums
 
     return loss_fn
+
+
+def _axes(leading: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
+    return (*leading, *(None,) * ndim)[:ndim]
 
 
 def _split_microbatches(batch: Batch, count: int) -> Batch:
@@ -64,6 +61,7 @@ def make_train_step(
     donated. A non-finite loss or gradient norm (a global check: every host agrees) skips the
     update and is counted."""
     loss_fn = make_loss_fn(graphdef, config)
+    summarize = get_objective(config.objective).summarize
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     accum = config.grad_accum_steps
     use_dropout = config.model.dropout_rate > 0 or config.model.attention_dropout_rate > 0
@@ -88,7 +86,7 @@ def make_train_step(
                 microbatch, zeros, (_split_microbatches(batch, accum), jnp.arange(accum))
             )
         total = jnp.maximum(sums["weight_sum"], 1.0)
-        grads = jax.tree.map(lambda g: g / total, grads)  # Mean over every token of the batch.
+        grads = jax.tree.map(lambda g: g / total, grads)  # Mean over every weighted target.
         loss = sums["loss_sum"] / total
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -104,10 +102,8 @@ def make_train_step(
             bad_streak=jnp.where(finite, 0, state.bad_streak + 1),
         )
         metrics = {
+            **summarize(sums),
             "loss": loss,
-            "nll": sums["nll_sum"] / total,
-            "accuracy": sums["correct_sum"] / total,
-            "tokens": sums["weight_sum"],
             "grad_norm": grad_norm,
             "learning_rate": schedule(applied_steps(state.opt_state)),
             "skipped": new_state.skipped,

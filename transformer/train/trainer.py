@@ -25,7 +25,8 @@ from transformer import sharding
 from transformer.data import pipeline
 from transformer.data.tokenizer import Tokenizer, load_tokenizer
 from transformer.models import ModelConfig
-from transformer.train import checkpointing, distributed, flops, optimizer
+from transformer.train import best as best_lib
+from transformer.train import checkpointing, distributed, flops, layer_decay, objectives, optimizer
 from transformer.train import state as train_state
 from transformer.train import step as train_step_lib
 from transformer.train.metrics_log import MetricLog
@@ -36,10 +37,16 @@ class NonFiniteError(FloatingPointError):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
-    """Trains (or resumes) the run described by `config` in `workdir`; returns the last metrics."""
+    """Trains (or resumes) the run described by `config` in `workdir`; returns the last metrics.
+
+    What is trained is `config.objective` (pretraining LM or a fine-tuning task): the objective
+    supplies the model, the batches, the loss and the evaluation; this loop knows none of them.
+    """
     # --- Set-up: processes, workdir, configs. -------------------------------------------------
     distributed.initialize(config)
     workdir = prepare_workdir(workdir)
+    config = resolve_config(config)
+    objective = objectives.get_objective(config.objective)
     model_config = ModelConfig.from_dict(config.model.to_dict())
     rules = [tuple(r) for r in config.logical_axis_rules]
 
@@ -50,26 +57,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     # --- Data. ------------------------------------------------------------------------------
     tokenizer = get_tokenizer(config)
     check_vocab(model_config, tokenizer)
-    train_iter = iter(pipeline.create_pretraining_dataset(
-        config.data, config.data.train_split, tokenizer=tokenizer,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-    ))
+    build = objective.builder(model_config, config)
+    train_iter = objective.train_data(config, tokenizer, jax.process_index(), jax.process_count())
 
     # --- Model, optimizer and their shardings (computed before anything is allocated). --------
     tx, schedule = optimizer.make_optimizer(config)
-    init_fn = train_state.make_init_fn(model_config, tx, config.seed)
+    tx = layer_decay.with_layer_decay(tx, config.finetune.layer_decay, model_config.num_layers)
+    init_fn = train_state.make_init_fn(model_config, tx, config.seed, build)
     shapes = jax.eval_shape(init_fn)
-    params_sharding = train_state.param_shardings(model_config, mesh, rules)
+    params_sharding = train_state.param_shardings(model_config, mesh, rules, build)
     shardings = train_state.state_shardings(shapes, params_sharding, mesh)
-    graphdef = nnx.graphdef(train_state.abstract_model(model_config))
+    graphdef = nnx.graphdef(train_state.abstract_model(model_config, build))
     seq_len = config.data.max_length
     batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(
-        ("batch", "length"), rules, (config.data.global_batch_size, seq_len), mesh))
+        objective.batch_axes, rules, (config.data.global_batch_size, seq_len), mesh))
 
     # --- Jitted steps. ----------------------------------------------------------------------
     train_step = train_step_lib.make_train_step(
         graphdef, tx, schedule, config, shardings, batch_sharding)
-    eval_step = train_step_lib.make_eval_step(graphdef, config, params_sharding, batch_sharding)
+    evaluator = objective.evaluator(config, tokenizer, graphdef, params_sharding, batch_sharding,
+                                    workdir=workdir) if config.eval_every else None
 
     # --- Restore the latest checkpoint, or initialize (optionally from pretrained params). ----
     checkpointer = checkpointing.Checkpointer(
@@ -87,8 +94,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             state = jax.jit(init_fn, out_shardings=shardings)()
             if config.init_from:
                 state = state.replace(params=load_pretrained_params(
-                    config.init_from, shapes.params, params_sharding))
+                    config.init_from, state.params, shapes.params, params_sharding))
     start_step = int(state.step)
+    best = None
+    if config.objective != "lm" and evaluator is not None:
+        best = best_lib.BestExport(workdir / "best", *objectives.best_metric(config))
 
     # --- Train. -----------------------------------------------------------------------------
     log = MetricLog(workdir, total_steps=config.num_train_steps, start_step=start_step)
@@ -114,10 +124,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             log.advance()
             done = step + 1 == config.num_train_steps
             checkpointer.save(step + 1, state, train_iter, config.to_dict(), force=done)
-            if config.eval_every and ((step + 1) % config.eval_every == 0 or done):
+            if evaluator is not None and ((step + 1) % config.eval_every == 0 or done):
                 with clock.paused():  # Evaluation time is not training time.
-                    eval_metrics = evaluate(
-                        config, eval_step, state.params, tokenizer, batch_sharding)
+                    eval_metrics = evaluator(state.params, step + 1)
+                    if best is not None:
+                        best.update(step + 1, eval_metrics, graphdef, state.params,
+                                    config.data.tokenizer, workdir / "eval")
                 log.write(step + 1, eval_metrics)
                 last_metrics.update(eval_metrics)
             if stop_requested(preempted, step, config.preemption_check_every):
@@ -132,8 +144,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     checkpointer.wait()
     checkpointer.close()
     log.close()
-    return {"state": state, "metrics": last_metrics, "tokenizer": tokenizer,
-            "model_config": model_config, "graphdef": graphdef, "mesh": mesh, "rules": rules}
+    return {"state": state, "metrics": last_metrics, "tokenizer": tokenizer, "config": config,
+            "model_config": model_config, "graphdef": graphdef, "mesh": mesh, "rules": rules,
+            "best": None if best is None else best.record}
 
 
 class Throughput:
@@ -320,8 +333,41 @@ def stop_requested(flag: dict[str, bool], step: int, every: int) -> bool:
     return step % every == 0 and any_process_has(flag["stop"])
 
 
-def load_pretrained_params(path: str, shapes: Any, params_sharding: Any) -> Any:
-    """Parameters only (for fine-tuning), from a model checkpoint directory."""
+# ModelConfig fields that say how to run a model, not what it is: the recipe keeps them when the
+# architecture comes from an `init_from` checkpoint.
+RUNTIME_FIELDS = ("dropout_rate", "attention_dropout_rate", "attention_impl", "dtype",
+                  "scan_layers", "remat_policy")
+
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` with `init_from` applied: the checkpoint's architecture (runtime fields
+    kept) and, when data.tokenizer is "", the checkpoint's tokenizer."""
+    if not config.init_from:
+        return config
     from transformer import model_io
 
+    config = ml_collections.ConfigDict(config.to_dict())
+    saved = model_io.read_config(config.init_from).to_dict()
+    runtime = {k: config.model[k] for k in RUNTIME_FIELDS}
+    changed = [k for k, v in saved.items() if k not in runtime and config.model.get(k) != v]
+    if changed:
+        logging.info("init_from %s: its architecture replaces config.model (%s)",
+                     config.init_from, ", ".join(changed))
+    config.model = ml_collections.ConfigDict({**saved, **runtime})
+    tokenizer_dir = pathlib.Path(config.init_from) / model_io.TOKENIZER_DIR
+    if not config.data.tokenizer and tokenizer_dir.is_dir():
+        config.data.tokenizer = str(tokenizer_dir)
+    return config
+
+
+def load_pretrained_params(path: str, params: Any, shapes: Any, params_sharding: Any) -> Any:
+    """Parameters only (for fine-tuning), from a model checkpoint directory. A task model (its
+    tree has 'backbone' and 'head') takes the checkpoint as its backbone; the head keeps `params`
+    (its fresh initialization)."""
+    from transformer import model_io
+
+    if isinstance(shapes, dict) and set(shapes) == {"backbone", "head"}:
+        backbone = model_io.load_params(
+            path, shapes["backbone"], params_sharding and params_sharding["backbone"])
+        return {"backbone": backbone, "head": params["head"]}
     return model_io.load_params(path, shapes, params_sharding)

@@ -1,0 +1,51 @@
+"""Named-entity recognition (CoNLL format): a pretrained BERT + a linear layer on every token.
+Each word is labelled at its first subword; later subwords and special tokens are not scored.
+Scored with entity-level F1 (the seqeval/conlleval definition).
+
+    python -m transformer.convert import --hf_dir=$(python -c "from transformer.train.config \
+        import minilm_dir; print(minilm_dir())") --output=/tmp/minilm
+    python -m transformer.main --config=configs/ner.py:conll2003 --workdir=/tmp/ner \
+        --config.init_from=/tmp/minilm
+    python -m transformer.evaluate --config=configs/ner.py:conll2003 --checkpoint=/tmp/ner/best \
+        --split=test
+
+Variants (comma-separated): `conll2003` (IOB2 files in ../shared/data/ner, the default),
+`wnut17`, `custom` (your own CoNLL files and tag set: set data.local_files.* ; the tags are read
+from the training split), and `ci` (a tiny random model, a few steps).
+"""
+
+import pathlib
+
+from transformer.train.config import finetune_config, tiny_finetune
+
+NER = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "ner"
+CORPORA = {  # task: (train, validation, test, training sentences)
+    "conll2003": (NER / "conll2003" / "iob2" / "train.txt", NER / "conll2003" / "iob2" / "valid.txt",
+                  NER / "conll2003" / "iob2" / "test.txt", 14041),
+    "wnut17": (NER / "wnut17" / "wnut17train.conll", NER / "wnut17" / "emerging.dev.conll",
+               NER / "wnut17" / "emerging.test.annotated", 3394),
+}
+
+
+def get_config(arg: str = "conll2003"):
+    variants = [a for a in arg.split(",") if a] or ["conll2003"]
+    name = next((v for v in variants if v in CORPORA), "conll2003")
+    task = "my_ner" if "custom" in variants else name  # A new name: tags from the train split.
+    c = finetune_config("token_classification", task)
+    c.init_from = ""  # Our model checkpoint to fine-tune (python -m transformer.convert import).
+    train, validation, test, size = CORPORA[name]
+    c.data.local_format = "conll"  # One token per line (token first, tag last), blank lines between.
+    c.data.local_files.train = str(train)
+    c.data.local_files.validation = str(validation)
+    c.data.local_files.test = str(test)
+    c.data.max_length = 128  # Subword tokens per sentence; longer ones are truncated (counted).
+    c.data.global_batch_size = 32  # Sentences per step.
+    c.learning_rate = 5e-5  # Peak, after warmup; then linear decay to 0.
+    steps_per_epoch = size // c.data.global_batch_size
+    c.num_train_steps = 3 * steps_per_epoch  # Three epochs.
+    c.warmup_steps = c.num_train_steps // 10  # 10% warmup.
+    c.eval_every = steps_per_epoch  # Every epoch, and at the end.
+    c.checkpoint_every = c.eval_every
+    if "ci" in variants:
+        tiny_finetune(c)
+    return c

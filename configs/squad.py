@@ -1,0 +1,48 @@
+"""Extractive question answering (SQuAD v1.1 JSON): a pretrained BERT + start/end logits over
+question-context windows (doc stride as Hugging Face), answers decoded from the best span of
+every window, scored with the official EM/F1.
+
+    python -m transformer.convert import --hf_dir=$(python -c "from transformer.train.config \
+        import minilm_dir; print(minilm_dir())") --output=/tmp/minilm
+    python -m transformer.main --config=configs/squad.py --workdir=/tmp/squad \
+        --config.init_from=/tmp/minilm
+    python -m transformer.evaluate --config=configs/squad.py --checkpoint=/tmp/squad/best
+
+Questions whose answer does not occur at its offset in the context are skipped, counted, and
+reported in the log and in the evaluation metrics (eval_count_bad_squad_question); set
+data.on_error=raise to stop at the first one instead. Variants: `squad` (default), `ci`.
+"""
+
+import pathlib
+
+from transformer.train.config import finetune_config, tiny_finetune
+
+SQUAD = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "squad"
+
+
+def get_config(arg: str = "squad"):
+    variants = [a for a in arg.split(",") if a]
+    c = finetune_config("qa", "squad")
+    c.init_from = ""  # Our model checkpoint to fine-tune (python -m transformer.convert import).
+    c.data.local_format = "squad"  # SQuAD v1.1 JSON (gzip or plain).
+    c.data.local_files.train = str(SQUAD / "train-v1.1.reconstructed.json.gz")
+    c.data.local_files.validation = str(SQUAD / "dev-v1.1.json.gz")
+    c.data.on_error = "skip"  # Bad questions: skipped and counted, not fatal.
+    c.data.max_length = 384  # Tokens per window: [CLS] question [SEP] context part [SEP].
+    c.data.doc_stride = 128  # Context tokens shared by consecutive windows.
+    c.data.max_query_length = 64  # Question tokens kept.
+    c.data.global_batch_size = 32  # Windows per step.
+    c.finetune.n_best_size = 20  # Start/end candidates per window.
+    c.finetune.max_answer_length = 30  # Longest answer, in tokens.
+    c.learning_rate = 5e-5  # Peak, after warmup; then linear decay to 0.
+    steps_per_epoch = 88_600 // c.data.global_batch_size  # ~88.6k windows of 87.6k questions.
+    c.num_train_steps = 2 * steps_per_epoch  # Two epochs.
+    c.warmup_steps = c.num_train_steps // 10  # 10% warmup.
+    c.eval_every = steps_per_epoch  # Every epoch, and at the end.
+    c.checkpoint_every = c.eval_every
+    if "ci" in variants:
+        tiny_finetune(c)
+        c.data.max_length = 128
+        c.data.doc_stride = 32
+        c.data.max_query_length = 32
+    return c
