@@ -26,7 +26,7 @@ def get_config(arg: str = ""):
     use_bundled_corpus(c)
     c.data.objective = "causal"
 
-    c.num_train_steps = 300
+    c.num_train_steps = 200
     c.learning_rate = 2e-3
     c.warmup_steps = 30
     c.weight_decay = 0.1
