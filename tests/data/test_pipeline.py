@@ -76,8 +76,8 @@ def test_restore_mid_epoch(config, gpt2, bert, objective):
 
 
 def test_restore_with_orbax_checkpoint_manager(config, gpt2, tmp_path):
-    ocp = pytest.importorskip("orbax.checkpoint")
     import grain
+    import orbax.checkpoint as ocp
 
     it = iter(pipeline.create_pretraining_dataset(config, "train", tokenizer=gpt2))
     _take(it, 11)

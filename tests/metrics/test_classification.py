@@ -139,7 +139,6 @@ def test_save_confusion_matrix_without_matplotlib(tmp_path, monkeypatch):
 
 
 def test_save_confusion_matrix_png(tmp_path):
-    pytest.importorskip("matplotlib")
     matrix = confusion_matrix([0, 1, 2, 2], [0, 2, 2, 1], num_classes=3)
     out = save_confusion_matrix(matrix, tmp_path / "sub" / "cm.png")
     assert out["note"] is None and out["csv"].endswith("cm.csv")
