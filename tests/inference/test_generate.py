@@ -10,6 +10,7 @@ from flax import nnx
 
 from transformer.hf import load_hf_model
 from transformer.inference import SamplingConfig, generate, left_pad, stream
+from transformer.inference.decode import decoding_model
 from transformer.sharding import DEFAULT_RULES, make_mesh
 
 N = 8
@@ -118,3 +119,20 @@ def test_encoder_cannot_generate(tiny):
     model = load_hf_model(tiny("bert_mlm")[0])
     with pytest.raises(ValueError, match="needs a decoder"):
         generate(model, PROMPTS, GREEDY)
+
+
+def test_decoding_model_is_kept_until_the_weights_change(models):
+    model, _ = models["gpt2"]
+    first = decoding_model(model)
+    assert decoding_model(model) is first
+    query = model.layers.blocks.attention.query
+    np.testing.assert_array_equal(first.layers.blocks[1].attention.query[...], query[...][1])
+    assert first.embeddings.tokens[...] is model.embeddings.tokens[...]  # Shared, not copied.
+    original = query[...]
+    query[...] = original * 2  # A new array: the decoding model is made again.
+    try:
+        second = decoding_model(model)
+        assert second is not first
+        np.testing.assert_array_equal(second.layers.blocks[1].attention.query[...], original[1] * 2)
+    finally:
+        query[...] = original

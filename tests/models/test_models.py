@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from transformer.inference.decode import decoding_model
 from transformer.models import build_model, count_params, get_preset
+from transformer.models.blocks import LayerList
 
 TINY = dict(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64, max_length=32,
             dropout_rate=0.0, attention_dropout_rate=0.0)
@@ -182,11 +184,16 @@ def test_bert_outputs_pooler_and_tied_mlm_logits(models):
     assert not hasattr(model, "lm_head")  # Tied: the embedding matrix is the output layer.
 
 
+@pytest.mark.parametrize("layers", ["stacked", "list"])
 @pytest.mark.parametrize("family", DECODERS)
-def test_cached_decoding_equals_full_forward(models, family):
+def test_cached_decoding_equals_full_forward(models, family, layers):
     model = models[family]
     ids = tokens(2, 10)
     full = model(ids).logits
+    if layers == "list":  # The decoding layout: one module per layer, a list of caches.
+        model = decoding_model(model)
+        assert isinstance(model.layers, LayerList) and len(model.init_cache(2, 16)) == len(
+            model.layers.blocks)
     cache = model.init_cache(2, 16)
     slots = jnp.zeros((2, 16), jnp.int32)
     prefill = 6

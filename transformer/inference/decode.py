@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -22,7 +23,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from transformer.inference.sampling import SamplingConfig, sample
 from transformer.models import Decoder, KVCache
-from transformer.sharding import DEFAULT_RULES, Rules, constrain, logical_to_spec, use_mesh
+from transformer.models.blocks import LayerList, LayerStack
+from transformer.sharding import DEFAULT_RULES, Rules, logical_to_spec, use_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +66,6 @@ def prefill(
     """Runs the prompts through the model, filling the cache; returns the state and the lengths."""
     batch, prompt_len = ids.shape
     cache = model.init_cache(batch, prompt_len + config.max_new_tokens)
-    cache = jax.tree.map(lambda a: constrain(a, (None, "batch", "length", "act_heads", None)), cache)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     slots = jnp.zeros((batch, prompt_len + config.max_new_tokens), jnp.int32)
     slots = slots.at[:, :prompt_len].set(mask)
@@ -108,6 +109,28 @@ def _generate(graphdef: Any, params: Any, ids: jax.Array, mask: jax.Array, rng: 
     return state.tokens, first_stop
 
 
+_DECODING_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def decoding_model(model: Decoder) -> Decoder:
+    """The model with its layers as a `LayerList`, sharing every other parameter.
+
+    Made once per model and kept while its stacked layer parameters are unchanged (they are
+    compared by identity, so an update of the model's weights makes a fresh one).
+    """
+    if not isinstance(model.layers, LayerStack):
+        return model
+    stacked = tuple(id(a) for a in jax.tree.leaves(nnx.state(model.layers)))
+    kept = _DECODING_MODELS.get(model)
+    if kept is not None and kept[0] == stacked:
+        return kept[1]
+    graphdef, state = nnx.split(model)
+    unstacked = nnx.merge(graphdef, state)  # A second module over the same arrays.
+    unstacked.layers = LayerList(model.layers)
+    _DECODING_MODELS[model] = (stacked, unstacked)
+    return unstacked
+
+
 def _check(model: Decoder, prompt_len: int, config: SamplingConfig) -> None:
     if not model.config.causal:
         raise ValueError("generation needs a decoder (causal) model; this one is an encoder")
@@ -144,7 +167,7 @@ def generate(
     ids, mask = left_pad(prompts, config.pad_id)
     _check(model, ids.shape[1], config)
     rng = jax.random.key(0) if rng is None else rng
-    graphdef, params = nnx.split(model)
+    graphdef, params = nnx.split(decoding_model(model))
     if mesh is None:
         tokens, lengths = _generate(graphdef, params, *_place([ids, mask], None, ()), rng, config)
     else:
@@ -173,7 +196,7 @@ def stream(
     config = config or SamplingConfig()
     ids, mask = left_pad([prompt], config.pad_id)
     _check(model, ids.shape[1], config)
-    graphdef, params = nnx.split(model)
+    graphdef, params = nnx.split(decoding_model(model))
     rng = jax.random.key(0) if rng is None else rng
     state, lengths = _prefill_jit(graphdef, params, jnp.asarray(ids), jnp.asarray(mask), rng, config)
     for step in range(config.max_new_tokens):

@@ -45,11 +45,13 @@ def dot_product_attention(
     mask: jax.Array | None = None,
     *,
     impl: str = "einsum",
+    heads_first: bool = False,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
     return_weights: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
-    """Attention of query [B,T,H,D] over key/value [B,S,K,D], K dividing H (grouped-query).
+    """Attention of query [B,T,H,D] over key/value [B,S,K,D] (or [B,K,S,D] with `heads_first`,
+    the KV-cache layout), K dividing H (grouped-query).
 
     `impl='einsum'` is the textbook computation (softmax in float32); `impl='xla'` calls
     `jax.nn.dot_product_attention`, which selects cuDNN flash attention on GPUs. Attention
@@ -57,10 +59,11 @@ def dot_product_attention(
     Returns the output [B,T,H,D] and the weights [B,H,T,S] (float32) when asked for.
     """
     batch, q_len, heads, depth = query.shape
-    kv_heads = key.shape[2]
+    kv = "bksd" if heads_first else "bskd"
+    kv_heads, kv_len = (key.shape[1], key.shape[2]) if heads_first else (key.shape[2], key.shape[1])
     scale = 1.0 / math.sqrt(depth)
     training_dropout = dropout_rate > 0.0 and dropout_rng is not None
-    if impl == "xla" and not (training_dropout or return_weights):
+    if impl == "xla" and not (training_dropout or return_weights or heads_first):
         out = jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale)
         return out, None
     if impl not in ("einsum", "xla"):
@@ -69,30 +72,37 @@ def dot_product_attention(
     groups = heads // kv_heads
     grouped = query.reshape(batch, q_len, kv_heads, groups, depth)
     scores = jnp.einsum(
-        "btkgd,bskd->bkgts", grouped, key, preferred_element_type=jnp.float32
-    ).reshape(batch, heads, q_len, key.shape[1])
+        f"btkgd,{kv}->bkgts", grouped, key, preferred_element_type=jnp.float32
+    ).reshape(batch, heads, q_len, kv_len)
     scores = scores * scale
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1)
     probs = dropout(weights, dropout_rate, dropout_rng).astype(value.dtype)
-    probs = probs.reshape(batch, kv_heads, groups, q_len, key.shape[1])
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, value).reshape(batch, q_len, heads, depth)
+    probs = probs.reshape(batch, kv_heads, groups, q_len, kv_len)
+    out = jnp.einsum(f"bkgts,{kv}->btkgd", probs, value).reshape(batch, q_len, heads, depth)
     return out, weights if return_weights else None
 
 
 @struct.dataclass
 class KVCache:
-    """Keys and values of the tokens seen so far: [batch, max_length, kv_heads, head_dim]."""
+    """Keys and values of the tokens seen so far: [batch, kv_heads, max_length, head_dim].
+
+    Heads before positions: the attention products then batch over (batch, heads) as stored,
+    where the [batch, length, heads] layout of activations would be transposed, the whole
+    cache, for every generated token.
+    """
 
     key: jax.Array
     value: jax.Array
 
+    AXES = ("batch", "act_heads", "length", None)  # Logical axes, for sharding.
+
     @classmethod
     def zeros(cls, config: ModelConfig, batch: int, max_length: int) -> KVCache:
-        shape = (batch, max_length, config.kv_heads, config.dim_per_head)
-        dtype = dtype_of(config.dtype)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        shape = (batch, config.kv_heads, max_length, config.dim_per_head)
+        zeros = lambda: constrain(jnp.zeros(shape, dtype_of(config.dtype)), cls.AXES)
+        return cls(zeros(), zeros())
 
 
 class MultiHeadAttention(nnx.Module):
@@ -148,16 +158,15 @@ class MultiHeadAttention(nnx.Module):
         v = constrain(v, ("batch", "length", "act_heads", None))
 
         if cache is not None:
-            start = (0, cache_index, 0, 0)
-            cache = KVCache(
-                jax.lax.dynamic_update_slice(cache.key, k.astype(cache.key.dtype), start),
-                jax.lax.dynamic_update_slice(cache.value, v.astype(cache.value.dtype), start),
-            )
+            write = lambda stored, new: jax.lax.dynamic_update_slice(
+                stored, new.swapaxes(1, 2).astype(stored.dtype), (0, 0, cache_index, 0))
+            cache = KVCache(write(cache.key, k), write(cache.value, v))
             k, v = cache.key, cache.value
 
         y, weights = dot_product_attention(
             q, k, v, mask,
             impl=cfg.attention_impl,
+            heads_first=cache is not None,
             dropout_rate=cfg.attention_dropout_rate,
             dropout_rng=dropout_rng,
             return_weights=return_weights,

@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from transformer.models.attention import KVCache, MultiHeadAttention
 from transformer.models.common import dropout, split_rng
 from transformer.models.config import ModelConfig
 from transformer.models.layers import MLP, Norm
+from transformer.sharding import constrain
 
 REMAT_POLICIES = {
     "full": None,  # Save nothing; recompute the whole layer in the backward pass.
@@ -114,5 +116,54 @@ class LayerStack(nnx.Module):
             for i in range(cfg.num_layers):
                 x, out = layer(x, jax.tree.map(lambda a, i=i: a[i], per_layer))
                 outputs.append(out)
-            cache, weights = jax.tree.map(lambda *a: jax.numpy.stack(a), *outputs)
+            cache, weights = jax.tree.map(lambda *a: jnp.stack(a), *outputs)
         return x, cache, weights
+
+    def init_cache(self, batch: int, max_length: int) -> KVCache:
+        """An empty cache for every layer: [layers, batch, kv_heads, max_length, head_dim]."""
+        one = KVCache.zeros(self.config, batch, max_length)
+        stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (self.config.num_layers, *a.shape)), one)
+        return jax.tree.map(lambda a: constrain(a, (None, *KVCache.AXES)), stacked)
+
+
+class LayerList(nnx.Module):
+    """The blocks of a `LayerStack` as separate modules: one buffer per layer and parameter.
+
+    For decoding. Inside a loop over tokens, taking a layer out of a stacked parameter (or out of
+    a stacked cache) copies it on CPU hosts, for every token; separate buffers are read in place.
+    The call matches `LayerStack`; the cache is a list of per-layer caches.
+    """
+
+    def __init__(self, stack: LayerStack):
+        self.config = stack.config
+        graphdef, stacked = nnx.split(stack.blocks)
+        self.blocks = nnx.List([
+            nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked))
+            for i in range(stack.config.num_layers)
+        ])
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        mask: jax.Array | None,
+        positions: jax.Array,
+        cache: list[KVCache] | None = None,
+        cache_index: jax.Array | int = 0,
+        dropout_rng: jax.Array | None = None,
+        return_weights: bool = False,
+    ) -> tuple[jax.Array, list[KVCache] | None, jax.Array | None]:
+        rngs = split_rng(dropout_rng, len(self.blocks))
+        caches, weights = [], []
+        for i, block in enumerate(self.blocks):
+            x, layer_cache, layer_weights = block(
+                x, mask=mask, positions=positions, cache=None if cache is None else cache[i],
+                cache_index=cache_index, dropout_rng=rngs[i], return_weights=return_weights,
+            )
+            caches.append(layer_cache)
+            weights.append(layer_weights)
+        weights = jnp.stack(weights) if return_weights else None
+        return x, None if cache is None else caches, weights
+
+    def init_cache(self, batch: int, max_length: int) -> list[KVCache]:
+        return [KVCache.zeros(self.config, batch, max_length) for _ in self.blocks]

@@ -117,5 +117,7 @@ class Embeddings(nnx.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         """Logits against the token-embedding matrix (a tied output layer)."""
         dtype = dtype_of(self.config.dtype)
-        logits = x.astype(dtype) @ self.tokens[...].astype(dtype).T
+        # An einsum, not `x @ table.T`: XLA then reads the table as stored instead of
+        # transposing it first (for one token, that copy cost more than the product).
+        logits = jnp.einsum("...d,vd->...v", x.astype(dtype), self.tokens[...].astype(dtype))
         return constrain(logits, ("batch", "length", "act_vocab"))

@@ -22,7 +22,7 @@ class ModelOutput:
     logits: jax.Array | None = None  # [batch, length, vocab], float32
     pooler_output: jax.Array | None = None  # [batch, hidden] (BERT pooler)
     attentions: jax.Array | None = None  # [layers, batch, heads, queries, keys], float32
-    cache: KVCache | None = None  # Stacked per layer: [layers, batch, max_length, kv_heads, dim]
+    cache: KVCache | list[KVCache] | None = None  # Per layer: see `Decoder.init_cache`.
 
 
 def _segments_and_positions(
@@ -177,7 +177,7 @@ class Decoder(nnx.Module):
                                ("batch", "length", "act_vocab"))
         return logits.astype(jnp.float32)
 
-    def init_cache(self, batch: int, max_length: int) -> KVCache:
-        """An empty KV cache for every layer: [layers, batch, max_length, kv_heads, head_dim]."""
-        one = KVCache.zeros(self.config, batch, max_length)
-        return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.config.num_layers, *a.shape)), one)
+    def init_cache(self, batch: int, max_length: int) -> KVCache | list[KVCache]:
+        """An empty KV cache for every layer, in the layout of the layer stack: one cache
+        [layers, batch, kv_heads, max_length, head_dim] or (`LayerList`) a list of caches."""
+        return self.layers.init_cache(batch, max_length)
