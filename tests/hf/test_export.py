@@ -21,6 +21,8 @@ MODELS = {
     "llama_tied_llama3": (get_preset("llama-tiny", **TINY, num_kv_heads=1, tie_embeddings=True,
                                      rope_scaling="llama3", rope_factor=4.0,
                                      rope_original_max_length=16), transformers.AutoModelForCausalLM),
+    "mistral_window": (get_preset("llama-tiny", **TINY, num_kv_heads=2, sliding_window=4),
+                       transformers.AutoModelForCausalLM),
 }
 
 

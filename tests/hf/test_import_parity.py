@@ -60,7 +60,8 @@ def test_bert_parity(tiny, name):
 
 
 @pytest.mark.parametrize(
-    "name", ["gpt2", "llama_tied", "llama_untied", "llama3_rope", "llama_linear_rope", "mistral"]
+    "name", ["gpt2", "llama_tied", "llama_untied", "llama3_rope", "llama_linear_rope", "mistral",
+             "mistral_window"]
 )
 def test_decoder_parity(tiny, name):
     folder, ref = tiny(name)
@@ -76,6 +77,8 @@ def test_decoder_parity(tiny, name):
         assert model.lm_head[...].shape == (32, 96)
     if name == "llama3_rope":
         assert model.config.rope_scaling == "llama3" and model.config.rope_factor == 8.0
+    if name == "mistral_window":  # Sequences longer than the window: the window matters.
+        assert model.config.sliding_window == 4 and ids.shape[1] > 4
 
 
 @pytest.fixture(scope="module")

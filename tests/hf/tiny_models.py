@@ -39,6 +39,8 @@ TINY = {
                                                          "factor": 4.0}}),
     "mistral": (transformers.MistralForCausalLM, transformers.MistralConfig,
                 {**_LLAMA, "sliding_window": None, "head_dim": 16}),
+    "mistral_window": (transformers.MistralForCausalLM, transformers.MistralConfig,
+                       {**_LLAMA, "sliding_window": 4}),
 }
 
 

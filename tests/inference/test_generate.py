@@ -64,6 +64,19 @@ def test_batch_of_different_lengths_equals_each_prompt_alone(models, greedy, nam
         assert generate(model, [prompt], GREEDY).sequences()[0] == tokens
 
 
+def test_sliding_window_generation_equals_transformers(tiny):
+    folder, ref = tiny("mistral_window")
+    model = load_hf_model(folder)
+    prompts = [[5, 17, 33, 8, 40, 11], [9, 4]]  # Longer and shorter than the window of 4.
+    ours = generate(model, prompts, GREEDY).sequences()
+    for prompt, tokens in zip(prompts, ours):
+        assert tokens == greedy_without_cache(model, prompt, N)
+        with torch.no_grad():
+            hf = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
+                              max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=0)
+        assert tokens == hf[0, len(prompt):].tolist()
+
+
 def test_left_pad_layout():
     ids, mask = left_pad([[1, 2], [3, 4, 5]], pad_id=0)
     np.testing.assert_array_equal(ids, [[0, 1, 2], [3, 4, 5]])

@@ -8,7 +8,6 @@ of `nnx.to_pure_dict(nnx.state(model, nnx.Param))`, e.g. 'layers.blocks.attentio
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -252,10 +251,7 @@ def _rope(hf: dict[str, Any]) -> dict[str, Any]:
 def _llama_config(hf: dict[str, Any], names: Collection[str]) -> ModelConfig:
     if hf.get("mlp_bias"):
         raise unsupported("mlp_bias", True, "Llama", "only false")
-    if hf.get("sliding_window") is not None and hf.get("use_sliding_window", True):
-        logging.warning(
-            "config.json sliding_window=%s: attention here is full, which equals the sliding "
-            "window only for sequences up to that length", hf["sliding_window"])
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
     d, heads = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or d // heads
     return ModelConfig(
@@ -269,7 +265,7 @@ def _llama_config(hf: dict[str, Any], names: Collection[str]) -> ModelConfig:
         attention_bias=bool(hf.get("attention_bias", False)), mlp_bias=False,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), dropout_rate=0.0,
         attention_dropout_rate=float(hf.get("attention_dropout", 0.0)),
-        initializer_range=hf.get("initializer_range", 0.02),
+        initializer_range=hf.get("initializer_range", 0.02), sliding_window=window,
     )
 
 
@@ -307,8 +303,15 @@ def _llama_to_hf(c: ModelConfig) -> dict[str, Any]:
         rope.update(low_freq_factor=c.rope_low_freq_factor, high_freq_factor=c.rope_high_freq_factor,
                     original_max_position_embeddings=c.rope_original_max_length)
     act = {"gelu_tanh": "gelu_pytorch_tanh"}.get(c.activation, c.activation)
+    # Llama has no sliding window; Mistral has one and no biases.
+    window = {"sliding_window": c.sliding_window} if c.sliding_window else {}
+    kind = "mistral" if window and not c.attention_bias else "llama"
+    if window and c.attention_bias:
+        raise ValueError("no Hugging Face Llama/Mistral model has both a sliding window and "
+                         "attention biases; export needs one of them off")
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
+        "architectures": [f"{kind.capitalize()}ForCausalLM"], "model_type": kind, **window,
+        "vocab_size": c.vocab_size,
         "hidden_size": c.hidden_size, "num_hidden_layers": c.num_layers,
         "num_attention_heads": c.num_heads, "num_key_value_heads": c.kv_heads,
         "head_dim": c.dim_per_head, "intermediate_size": c.mlp_dim, "hidden_act": act,

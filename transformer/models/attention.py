@@ -23,18 +23,22 @@ def make_attention_mask(
     *,
     causal: bool,
     query_offset: jax.Array | int = 0,
+    window: int | None = None,
 ) -> jax.Array:
     """Boolean mask [batch, 1, queries, keys]; True where a query may attend to a key.
 
     Segment ids give padding (0) and packing (a token attends only inside its own segment).
-    With `causal`, query i (at sequence index `query_offset + i`) sees keys 0..that index.
+    With `causal`, query i (at sequence index `query_offset + i`) sees keys 0..that index; with a
+    `window` too, only the last `window` of them (sliding-window attention, as in Mistral).
     """
     same_segment = query_segment_ids[:, :, None] == key_segment_ids[:, None, :]
     mask = same_segment & (key_segment_ids[:, None, :] != 0)
     if causal:
-        q_index = query_offset + jnp.arange(query_segment_ids.shape[1])
-        k_index = jnp.arange(key_segment_ids.shape[1])
-        mask = mask & (k_index[None, None, :] <= q_index[None, :, None])
+        q_index = (query_offset + jnp.arange(query_segment_ids.shape[1]))[None, :, None]
+        k_index = jnp.arange(key_segment_ids.shape[1])[None, None, :]
+        mask = mask & (k_index <= q_index)
+        if window is not None:
+            mask = mask & (k_index > q_index - window)
     return mask[:, None, :, :]
 
 

@@ -56,6 +56,7 @@ class ModelConfig:
     dropout_rate: float = 0.0  # Dropout on embeddings and residual branches.
     attention_dropout_rate: float = 0.0  # Dropout on the attention weights.
     attention_impl: str = "xla"  # 'einsum' (reference) or 'xla' (jax.nn.dot_product_attention).
+    sliding_window: int | None = None  # Decoders: each token sees itself and the previous W-1.
     initializer_range: float = 0.02  # Std of the normal initializers.
     scale_residual_init: bool = False  # GPT-2: output projections init std / sqrt(2 * layers).
     param_dtype: str = "float32"  # Storage dtype of the parameters.
@@ -87,6 +88,9 @@ class ModelConfig:
                 f"ModelConfig.num_kv_heads={kv} must divide num_heads={self.num_heads} "
                 f"(allowed: {[d for d in range(1, self.num_heads + 1) if self.num_heads % d == 0]})"
             )
+        if self.sliding_window is not None and (self.sliding_window <= 0 or not self.causal):
+            raise ValueError(f"ModelConfig.sliding_window={self.sliding_window}: a window needs a "
+                             "decoder and a positive size (None = full attention)")
         if self.position == "rope" and self.dim_per_head % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.dim_per_head}")
         for name in ("dropout_rate", "attention_dropout_rate"):

@@ -151,13 +151,12 @@ class Decoder(nnx.Module):
         x = self.embeddings(input_ids, positions, token_type_ids)
         x = dropout(x, cfg.dropout_rate, embed_rng)
         if cache is None:
-            mask = make_attention_mask(segments, segments, causal=True)
+            mask = make_attention_mask(segments, segments, causal=True, window=cfg.sliding_window)
         else:
             if cache_segment_ids is None:
                 raise ValueError("decoding with a cache needs cache_segment_ids [batch, max_length]")
-            mask = make_attention_mask(
-                segments, cache_segment_ids, causal=True, query_offset=cache_index
-            )
+            mask = make_attention_mask(segments, cache_segment_ids, causal=True,
+                                       query_offset=cache_index, window=cfg.sliding_window)
         x, cache, weights = self.layers(
             x, mask=mask, positions=positions, cache=cache, cache_index=cache_index,
             dropout_rng=stack_rng, return_weights=output_attentions,
