@@ -1,6 +1,6 @@
 """Our model checkpoint format: what `--config.init_from` and `from_pretrained` read.
 
-A directory holding
+A directory (local or gs://) holding
   model_config.json   `ModelConfig.to_dict()`
   params/             an Orbax checkpoint of `nnx.to_pure_dict(nnx.state(model, nnx.Param))`
   tokenizer/          optional: the tokenizer files (anything `load_tokenizer` reads)
@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pathlib
-import shutil
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from transformer import paths
 from transformer.models import MODELS, Decoder, Encoder, ModelConfig
 from transformer.sharding import DEFAULT_RULES, Rules, state_shardings
 
@@ -62,30 +65,42 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     return nested
 
 
-def is_model_checkpoint(path: str | pathlib.Path) -> bool:
-    path = pathlib.Path(path)
+def is_model_checkpoint(path: str | os.PathLike) -> bool:
+    path = paths.as_path(path)
     return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
 
 
-def copy_tokenizer_files(source: str | pathlib.Path, target: str | pathlib.Path) -> list[str]:
+def copy_tokenizer_files(source: str | os.PathLike, target: str | os.PathLike) -> list[str]:
     """Copies the tokenizer files of `source` (a folder) into `target`; returns their names."""
-    source, target = pathlib.Path(source), pathlib.Path(target)
+    source, target = paths.as_path(source), paths.as_path(target)
     files = sorted({p for pattern in TOKENIZER_PATTERNS for p in source.glob(pattern) if p.is_file()})
     if not files:
         raise FileNotFoundError(f"no tokenizer files in {source} (looked for {TOKENIZER_PATTERNS})")
     target.mkdir(parents=True, exist_ok=True)
     for f in files:
-        shutil.copy2(f, target / f.name)
+        paths.copy_file(f, target / f.name)
     return [f.name for f in files]
 
 
+def local_tokenizer_copy(path: str | os.PathLike) -> pathlib.Path:
+    """A local copy of a gs:// tokenizer (a folder, or a file with the files beside it that it
+    needs), in a new temporary folder: tokenizer libraries open local files only."""
+    source = paths.as_path(path)
+    if not source.exists():
+        raise FileNotFoundError(f"no tokenizer at {path}")
+    folder, name = (source, None) if source.is_dir() else (source.parent, source.name)
+    target = pathlib.Path(tempfile.mkdtemp(prefix="tokenizer-"))
+    copy_tokenizer_files(folder, target)
+    return target if name is None else target / name
+
+
 def save_model(
-    directory: str | pathlib.Path,
+    directory: str | os.PathLike,
     model: Encoder | Decoder,
-    tokenizer_dir: str | pathlib.Path | None = None,
-) -> pathlib.Path:
+    tokenizer_dir: str | os.PathLike | None = None,
+) -> epath.Path:
     """Writes `model` (and the tokenizer files of `tokenizer_dir`) in our checkpoint format."""
-    directory = pathlib.Path(directory).resolve()
+    directory = paths.absolute(directory)
     directory.mkdir(parents=True, exist_ok=True)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     checkpointer = ocp.StandardCheckpointer()
@@ -98,23 +113,23 @@ def save_model(
     return directory
 
 
-def read_config(directory: str | pathlib.Path) -> ModelConfig:
-    path = pathlib.Path(directory) / CONFIG_FILE
+def read_config(directory: str | os.PathLike) -> ModelConfig:
+    path = paths.as_path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}: not a model checkpoint directory")
     return ModelConfig.from_dict(json.loads(path.read_text()))
 
 
-def checkpoint_shapes(directory: str | pathlib.Path) -> dict[str, tuple[int, ...]]:
+def checkpoint_shapes(directory: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """Shapes of the saved parameters, from the checkpoint metadata (no array is read)."""
-    params = pathlib.Path(directory).resolve() / PARAMS_DIR
+    params = paths.absolute(directory) / PARAMS_DIR
     if not params.is_dir():
         raise FileNotFoundError(f"no {PARAMS_DIR}/ in {directory}: not a model checkpoint directory")
     tree = ocp.StandardCheckpointer().metadata(params).item_metadata.tree
     return {path: tuple(meta.shape) for path, meta in flat_params(tree).items()}
 
 
-def check_shapes(expected: Mapping[str, tuple[int, ...]], directory: str | pathlib.Path) -> None:
+def check_shapes(expected: Mapping[str, tuple[int, ...]], directory: str | os.PathLike) -> None:
     """Fails naming every parameter whose saved shape differs from the model's, or that is absent."""
     saved = checkpoint_shapes(directory)
     problems = [f"{p}: checkpoint {saved[p]} vs model {tuple(s)}"
@@ -127,19 +142,19 @@ def check_shapes(expected: Mapping[str, tuple[int, ...]], directory: str | pathl
         raise ValueError(f"checkpoint {directory} does not fit the model: " + "; ".join(problems))
 
 
-def _restore(directory: pathlib.Path, target: dict[str, Any]) -> dict[str, Any]:
-    return ocp.StandardCheckpointer().restore(directory.resolve() / PARAMS_DIR, target)
+def _restore(directory: str | os.PathLike, target: dict[str, Any]) -> dict[str, Any]:
+    return ocp.StandardCheckpointer().restore(paths.absolute(directory) / PARAMS_DIR, target)
 
 
 def load_model(
-    directory: str | pathlib.Path,
+    directory: str | os.PathLike,
     mesh: Mesh | None = None,
     rules: Rules | None = None,
     *,
     dtype: str | None = None,
 ) -> Encoder | Decoder:
     """The saved model; with a mesh, every array is restored straight into its sharded layout."""
-    directory = pathlib.Path(directory)
+    directory = paths.as_path(directory)
     config = read_config(directory)
     if dtype is not None:
         config = config.replace(dtype=dtype)
@@ -160,7 +175,7 @@ def load_model(
 
 
 def load_params(
-    directory: str | pathlib.Path, shapes: Any, shardings: Any | None = None
+    directory: str | os.PathLike, shapes: Any, shardings: Any | None = None
 ) -> dict[str, Any]:
     """The saved parameters as a nested dict (the layout of `nnx.to_pure_dict`).
 
@@ -168,7 +183,7 @@ def load_params(
     saved shape must equal it. `shardings` (the same tree of NamedShardings) restores each array
     straight into its sharded layout; without it, arrays go to the first local device.
     """
-    directory = pathlib.Path(directory)
+    directory = paths.as_path(directory)
     flat_shapes = flat_params(shapes)
     check_shapes({p: x.shape for p, x in flat_shapes.items()}, directory)
     if shardings is not None:
@@ -182,7 +197,7 @@ def load_params(
     return restored
 
 
-def load_params_into(model_or_state: nnx.Module | nnx.State, directory: str | pathlib.Path) -> Any:
+def load_params_into(model_or_state: nnx.Module | nnx.State, directory: str | os.PathLike) -> Any:
     """Overwrites the parameters of a model (or an NNX Param state) with the saved ones.
 
     The arrays keep the model's current shardings and dtypes. Returns the model or state.

@@ -15,11 +15,14 @@ weight of 0 removes a (padding) example, other weights scale its counts like sci
 from __future__ import annotations
 
 import csv
-import pathlib
+import io
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from transformer import paths
 
 IGNORE_INDEX = -100
 
@@ -158,7 +161,7 @@ def confusion_matrix(
 
 def save_confusion_matrix(
     matrix: np.ndarray,
-    path: str | pathlib.Path,
+    path: str | os.PathLike,
     class_names: Sequence[str] | None = None,
     title: str = "Confusion matrix",
 ) -> dict[str, str | None]:
@@ -175,16 +178,17 @@ def save_confusion_matrix(
     names = [str(c) for c in (class_names if class_names is not None else range(n))]
     if len(names) != n:
         raise ValueError(f"{len(names)} class names for a {n}x{n} confusion matrix")
-    base = pathlib.Path(path)
+    base = paths.as_path(path)  # Local or gs://.
     if base.suffix in (".csv", ".png"):
         base = base.with_suffix("")
     base.parent.mkdir(parents=True, exist_ok=True)
     csv_path = base.with_suffix(".csv")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["true\\pred", *names])
-        for name, row in zip(names, matrix):
-            writer.writerow([name, *(v.item() for v in row)])
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["true\\pred", *names])
+    for name, row in zip(names, matrix):
+        writer.writerow([name, *(v.item() for v in row)])
+    csv_path.write_bytes(text.getvalue().encode())
     result: dict[str, str | None] = {"csv": str(csv_path), "png": None, "note": None}
     try:
         from matplotlib.figure import Figure  # optional; Figure needs no GUI backend
@@ -208,6 +212,6 @@ def save_confusion_matrix(
             ax.text(j, i, text, ha="center", va="center", color=color, fontsize=8)
     fig.tight_layout()
     png_path = base.with_suffix(".png")
-    fig.savefig(png_path, dpi=100)
+    paths.save_figure(fig, png_path, dpi=100)
     result["png"] = str(png_path)
     return result

@@ -10,7 +10,7 @@ questions and multiplied by 100. A question without a prediction scores 0.
 from __future__ import annotations
 
 import json
-import pathlib
+import os
 import re
 import string
 from collections import Counter
@@ -18,6 +18,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
+
+from transformer import paths
 
 _PUNCT = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -165,10 +168,10 @@ def decode_predictions(
     return {qid: text for qid, (_, text) in best.items()}
 
 
-def write_predictions(predictions: Mapping[str, str], path: str | pathlib.Path) -> pathlib.Path:
+def write_predictions(predictions: Mapping[str, str], path: str | os.PathLike) -> epath.Path:
     """Write {question id: answer text} as JSON (the official evaluation script's input)."""
-    path = pathlib.Path(path)
+    path = paths.as_path(path)  # Local or gs://.
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dict(predictions), ensure_ascii=False, indent=1) + "\n",
-                    encoding="utf-8")
+    # Bytes: epath's write_text ignores `encoding`, and answers are often not ASCII.
+    path.write_bytes((json.dumps(dict(predictions), ensure_ascii=False, indent=1) + "\n").encode())
     return path

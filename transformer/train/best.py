@@ -11,36 +11,36 @@ from __future__ import annotations
 import json
 import logging
 import math
-import pathlib
-import shutil
+import os
 from typing import Any
 
 import jax
+from etils import epath
 from flax import nnx
 
-from transformer import model_io
+from transformer import model_io, paths
 
 BEST_FILE = "best.json"
 HEAD_FILE = "head_config.json"
 
 
-def save_task_model(directory: pathlib.Path, model: nnx.Module, tokenizer: str = "") -> None:
+def save_task_model(directory: str | os.PathLike, model: nnx.Module, tokenizer: str = "") -> None:
     """Our model checkpoint format; a task model adds head_config.json (read by evaluate)."""
-    model_io.save_model(directory, model)
+    directory = model_io.save_model(directory, model)
     if jax.process_index() != 0:
         return
     head = getattr(model, "head_config", None)
     if head is not None:
         (directory / HEAD_FILE).write_text(json.dumps(head.to_dict(), indent=1) + "\n")
-    source = pathlib.Path(tokenizer).expanduser() if tokenizer else None
+    source = paths.as_path(tokenizer) if tokenizer else None
     if source is not None and source.is_dir():
         model_io.copy_tokenizer_files(source, directory / model_io.TOKENIZER_DIR)
 
 
 class BestExport:
-    def __init__(self, directory: pathlib.Path, metric: str, mode: str):
-        self.directory, self.metric, self.mode = directory, metric, mode
-        path = directory / BEST_FILE
+    def __init__(self, directory: str | os.PathLike, metric: str, mode: str):
+        self.directory, self.metric, self.mode = paths.as_path(directory), metric, mode
+        path = self.directory / BEST_FILE
         self.record = json.loads(path.read_text()) if path.is_file() else None
 
     @property
@@ -55,7 +55,7 @@ class BestExport:
         return value > self.value if self.mode == "max" else value < self.value
 
     def update(self, step: int, metrics: dict[str, float], graphdef: nnx.GraphDef, params: Any,
-               tokenizer: str = "", eval_dir: pathlib.Path | None = None) -> bool:
+               tokenizer: str = "", eval_dir: epath.Path | None = None) -> bool:
         """Exports the model (graphdef, params) when `metrics` beat the best so far; returns
         whether it did."""
         if self.metric not in metrics:
@@ -71,7 +71,7 @@ class BestExport:
             if eval_dir is not None and eval_dir.is_dir():
                 for f in eval_dir.iterdir():
                     if f.is_file():
-                        shutil.copy2(f, self.directory / f.name)
+                        paths.copy_file(f, self.directory / f.name)
             (self.directory / BEST_FILE).write_text(json.dumps(self.record, indent=1) + "\n")
         logging.info("step %d: new best %s=%.4f → %s", step, self.metric, value, self.directory)
         return True

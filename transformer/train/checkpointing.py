@@ -1,18 +1,21 @@
 """Orbax checkpoints of the whole run: train state, data-iterator state and config.
 
 A step's checkpoint becomes visible only when complete (orbax writes to a temporary directory and
-renames it), so a run killed mid-save resumes from the previous complete checkpoint.
+renames it; on gs://, where a rename is a copy, it writes a commit_success.txt marker last), so a
+run killed mid-save resumes from the previous complete checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
-import pathlib
+import os
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+from transformer import paths
 
 ITEMS = ("state", "data", "config")
 
@@ -23,7 +26,7 @@ class Checkpointer:
 
     def __init__(
         self,
-        directory: str | pathlib.Path,
+        directory: str | os.PathLike,
         *,
         save_every: int,
         max_to_keep: int | None = 3,
@@ -38,7 +41,7 @@ class Checkpointer:
             cleanup_tmp_directories=True,
             create=True,
         )
-        self.directory = pathlib.Path(directory)
+        self.directory = paths.as_path(directory)  # Local or gs:// (Orbax takes either).
         handlers = {
             "state": ocp.StandardCheckpointHandler(),
             "data": grain.checkpoint.CheckpointHandler(),

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
-import pathlib
+import os
+
+from etils import epath
+
+from transformer import paths
 
 
-def plot_loss_curves(workdir: pathlib.Path) -> pathlib.Path | None:
+def plot_loss_curves(workdir: str | os.PathLike) -> epath.Path | None:
     """Train and eval loss against step → WORKDIR/loss.png (None when nothing was logged)."""
+    workdir = paths.as_path(workdir)
     path = workdir / "metrics.jsonl"
     if not path.exists():
         return None
@@ -31,5 +36,5 @@ def plot_loss_curves(workdir: pathlib.Path) -> pathlib.Path | None:
     axes.legend()
     figure.tight_layout()
     out = workdir / "loss.png"
-    figure.savefig(out)
+    paths.save_figure(figure, out)
     return out

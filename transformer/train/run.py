@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import logging
-import pathlib
-import shutil
 from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 from flax import nnx
 
-from transformer import model_io
+from transformer import model_io, paths
 from transformer.inference import SamplingConfig, generate
 from transformer.train import best as best_lib
 from transformer.train import plots, trainer
@@ -20,7 +19,7 @@ from transformer.train import plots, trainer
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     result = trainer.train_and_evaluate(config, workdir)
     config = result["config"]  # With `init_from` resolved (architecture, tokenizer).
-    workdir = pathlib.Path(workdir).expanduser().resolve()
+    workdir = paths.absolute(workdir)
     model = nnx.merge(result["graphdef"], result["state"].params)
     export = export_model(model, config, workdir / "model")
     if config.objective != "lm":
@@ -40,7 +39,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return result
 
 
-def report_finetuning(result: dict, workdir: pathlib.Path, export: pathlib.Path) -> None:
+def report_finetuning(result: dict, workdir: epath.Path, export: epath.Path) -> None:
     """The final and best evaluation metrics, and where the models are."""
     if jax.process_index() != 0:
         return
@@ -55,12 +54,13 @@ def report_finetuning(result: dict, workdir: pathlib.Path, export: pathlib.Path)
           f"--config=<recipe> --checkpoint={workdir / 'best'} --split=<split>", flush=True)
 
 
-def export_model(model: nnx.Module, config: ml_collections.ConfigDict, target: pathlib.Path):
+def export_model(model: nnx.Module, config: ml_collections.ConfigDict, target: epath.Path
+                 ) -> epath.Path:
     """The trained parameters in the model-checkpoint format (`--config.init_from`,
     `from_pretrained`, `transformer.generate`; task models: `transformer.evaluate`), with the
     tokenizer files."""
     best_lib.save_task_model(target, model)
-    tokenizer = pathlib.Path(config.data.tokenizer).expanduser()
+    tokenizer = paths.as_path(config.data.tokenizer)
     if jax.process_index() == 0 and tokenizer.exists():
         destination = target / "tokenizer"
         if tokenizer.is_dir():
@@ -70,7 +70,7 @@ def export_model(model: nnx.Module, config: ml_collections.ConfigDict, target: p
             companions = {"encoder.json": "vocab.bpe", "vocab.json": "merges.txt"}
             for name in (tokenizer.name, companions.get(tokenizer.name)):
                 if name and (tokenizer.parent / name).exists():
-                    shutil.copy2(tokenizer.parent / name, destination / name)
+                    paths.copy_file(tokenizer.parent / name, destination / name)
     return target
 
 
@@ -78,7 +78,7 @@ def write_samples(
     model: nnx.Module,
     tokenizer: Any,
     samples: ml_collections.ConfigDict,
-    path: pathlib.Path,
+    path: epath.Path,
     *,
     mesh: jax.sharding.Mesh,
     rules: Any,

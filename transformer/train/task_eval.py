@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import json
 import logging
-import pathlib
+import os
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from transformer import metrics as metrics_lib
+from transformer import paths
 from transformer.data import local_builder, pipeline, sources, tasks
 from transformer.train import objectives, trainer
 
@@ -53,13 +55,13 @@ class TaskEvaluator:
     def __init__(self, config: ml_collections.ConfigDict, tokenizer: Any,
                  graphdef: nnx.GraphDef | None, params_sharding: Any,
                  batch_sharding: NamedSharding | None, *, split: str,
-                 workdir: str | pathlib.Path | None = None,
-                 out_dir: str | pathlib.Path | None = None):
+                 workdir: str | os.PathLike | None = None,
+                 out_dir: str | os.PathLike | None = None):
         self.config, self.split = config, split
         self.task = objectives.task_of(config)
         if out_dir is None and workdir is not None:
-            out_dir = pathlib.Path(workdir) / "eval"
-        self.out_dir = None if out_dir is None else pathlib.Path(out_dir)
+            out_dir = paths.as_path(workdir) / "eval"
+        self.out_dir = None if out_dir is None else paths.as_path(out_dir)
         self.batch_sharding = batch_sharding
         count, me = jax.process_count(), jax.process_index()
         try:
@@ -145,7 +147,7 @@ def _global_rows(sets: list[pipeline.EvalSet], num_batches: int) -> dict[str, An
     return rows
 
 
-def _write_jsonl(path: pathlib.Path, lines: list[dict[str, Any]]) -> None:
+def _write_jsonl(path: epath.Path, lines: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
 
 

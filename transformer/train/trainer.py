@@ -17,11 +17,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
-from transformer import sharding
+from transformer import paths, sharding
 from transformer.data import pipeline
 from transformer.data.tokenizer import Tokenizer, load_tokenizer
 from transformer.models import ModelConfig
@@ -108,7 +109,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     preempted = install_sigterm_handler()
     pending, last_metrics = None, {}
     clock = Throughput(tokens_per_step, flops_per_step, peak)
-    with sharding.use_mesh(mesh, rules):
+    with sharding.use_mesh(mesh, rules), log:  # The log is closed (and flushed) on errors too.
         for step in range(start_step, config.num_train_steps):
             batch = to_global(next(train_iter), batch_sharding)
             state, metrics = train_step(state, batch)
@@ -143,7 +144,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             log.write(pending[0], last_metrics)
     checkpointer.wait()
     checkpointer.close()
-    log.close()
     return {"state": state, "metrics": last_metrics, "tokenizer": tokenizer, "config": config,
             "model_config": model_config, "graphdef": graphdef, "mesh": mesh, "rules": rules,
             "best": None if best is None else best.record}
@@ -183,9 +183,12 @@ class Throughput:
             self.excluded += time.perf_counter() - begin
 
 
-def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
+def prepare_workdir(workdir: str | os.PathLike) -> epath.Path:
+    """The run's directory, created; local paths are resolved, gs:// paths taken as they are."""
     if not workdir:
         raise ValueError("no --workdir given: name a directory for checkpoints and metrics")
+    if paths.is_remote(workdir):
+        return prepare_remote_workdir(paths.as_path(workdir))
     path = pathlib.Path(workdir).expanduser().resolve()
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"--workdir {path} exists and is not a directory")
@@ -195,6 +198,24 @@ def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
     path.mkdir(exist_ok=True)
     if not os.access(path, os.W_OK):
         raise PermissionError(f"--workdir {path} is not writable; choose another directory")
+    return epath.Path(path)
+
+
+def prepare_remote_workdir(path: epath.Path) -> epath.Path:
+    """Object stores have no directories to create or permissions to read: writing and deleting
+    a small object is the one cheap check that the bucket exists and these credentials may write
+    there. (mkdir is avoided: gcsfs would create a missing bucket.)"""
+    probe = path / f".write_check.{jax.process_index()}"
+    try:
+        probe.write_text("ok\n")
+        probe.unlink(missing_ok=True)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"--workdir {path}: the bucket does not exist ({error}); create it first") from error
+    except Exception as error:  # gcsfs reports a refusal (403) as a plain OSError.
+        raise OSError(
+            f"--workdir {path}: cannot write there ({type(error).__name__}: {error}); check the "
+            "bucket name and that this machine's credentials may write to it") from error
     return path
 
 
@@ -217,7 +238,12 @@ def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> N
 
 
 def get_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
-    """Loads `data.tokenizer`; trains and caches it first when `tokenizer_training` says how."""
+    """Loads `data.tokenizer` (local or gs://); trains and caches it first when
+    `tokenizer_training` says how."""
+    if paths.is_remote(config.data.tokenizer):  # E.g. the tokenizer/ of a gs:// `init_from`.
+        from transformer import model_io
+
+        return load_tokenizer(model_io.local_tokenizer_copy(config.data.tokenizer))
     path = pathlib.Path(config.data.tokenizer).expanduser()
     training = config.tokenizer_training
     if not path.exists() and training.files:
@@ -354,7 +380,7 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
         logging.info("init_from %s: its architecture replaces config.model (%s)",
                      config.init_from, ", ".join(changed))
     config.model = ml_collections.ConfigDict({**saved, **runtime})
-    tokenizer_dir = pathlib.Path(config.init_from) / model_io.TOKENIZER_DIR
+    tokenizer_dir = paths.as_path(config.init_from) / model_io.TOKENIZER_DIR
     if not config.data.tokenizer and tokenizer_dir.is_dir():
         config.data.tokenizer = str(tokenizer_dir)
     return config
