@@ -28,11 +28,15 @@ def make_attention_mask(
     """Boolean mask [batch, 1, queries, keys]; True where a query may attend to a key.
 
     Segment ids give padding (0) and packing (a token attends only inside its own segment).
+    Padding queries attend to every real key, as in the BERT and GPT-2 reference implementations:
+    their outputs are never used as such, but they stay finite and equal to those references'
+    (extractive QA takes a softmax over all positions, padding included).
     With `causal`, query i (at sequence index `query_offset + i`) sees keys 0..that index; with a
     `window` too, only the last `window` of them (sliding-window attention, as in Mistral).
     """
     same_segment = query_segment_ids[:, :, None] == key_segment_ids[:, None, :]
-    mask = same_segment & (key_segment_ids[:, None, :] != 0)
+    padding_query = query_segment_ids[:, :, None] == 0
+    mask = (same_segment | padding_query) & (key_segment_ids[:, None, :] != 0)
     if causal:
         q_index = (query_offset + jnp.arange(query_segment_ids.shape[1]))[None, :, None]
         k_index = jnp.arange(key_segment_ids.shape[1])[None, None, :]
