@@ -8,6 +8,10 @@ of exactly `new_tokens` tokens with the KV cache on both sides (ours: prefill + 
 `lax.while_loop`; theirs: `generate(do_sample=False, use_cache=True)`). Time to first token is the
 time of a 1-token generation. Compilation is excluded (each shape runs once before timing). The
 last line is JSON.
+
+`dense_products_tokens_per_s` is how fast XLA runs only the matrix products of decoding (every
+weight matrix of every layer and the output layer, float32, batch rows per token, in a jitted
+loop; no attention, cache, norms or sampling): a ceiling for any XLA decoder on the machine.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers must never reach th
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # Run from anywhere.
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import tqdm  # noqa: E402
 
@@ -51,6 +56,33 @@ def median_time(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def dense_products(model, batch: int, tokens: int = 32) -> float:
+    """Tokens/s of the decoding matrix products of a GPT-2 `model` alone (see the docstring)."""
+    blocks, d, layers = model.layers.blocks, model.config.hidden_size, model.config.num_layers
+    a = blocks.attention
+    stacked = [a.query[...].reshape(layers, d, -1), a.key[...].reshape(layers, d, -1),
+               a.value[...].reshape(layers, d, -1), a.out[...].reshape(layers, -1, d),
+               blocks.mlp.wi[...], blocks.mlp.wo[...]]
+    per_layer = [[m[i] for m in stacked] for i in range(layers)]
+    table = model.embeddings.tokens[...]
+
+    @jax.jit
+    def run(x, per_layer, table):
+        def step(carry):
+            i, h = carry
+            for q, k, v, o, wi, wo in per_layer:
+                h = h + (h @ q + h @ k + h @ v) @ o
+                h = h + (h @ wi) @ wo
+                h = h / (1.0 + jnp.abs(h).max())  # Bounded: no overflow, no denormals.
+            token = jnp.argmax(jnp.einsum("bd,vd->bv", h, table), axis=-1)
+            return i + 1, h + 1e-6 * token[:, None]
+        return jax.lax.while_loop(lambda c: c[0] < tokens, step, (0, x))[1]
+
+    x = jnp.ones((batch, d), jnp.float32)
+    run(x, per_layer, table).block_until_ready()
+    return batch * tokens / median_time(lambda: run(x, per_layer, table).block_until_ready(), 3)
 
 
 def main() -> None:
@@ -104,6 +136,7 @@ def main() -> None:
             agree = float(np.mean(figures["jax"].pop("tokens") == figures["pytorch"].pop("tokens")))
             result[f"batch_{batch}"] = {
                 **figures,
+                "dense_products_tokens_per_s": dense_products(model, batch),
                 "speedup": figures["jax"]["tokens_per_s"] / figures["pytorch"]["tokens_per_s"],
                 "greedy_tokens_identical": agree,
             }
@@ -112,7 +145,8 @@ def main() -> None:
         print(f"batch {batch:>2}: jax {r['jax']['tokens_per_s']:8.1f} tok/s "
               f"(first token {r['jax']['time_to_first_token_s'] * 1e3:.0f} ms) | pytorch "
               f"{r['pytorch']['tokens_per_s']:8.1f} tok/s (first token "
-              f"{r['pytorch']['time_to_first_token_s'] * 1e3:.0f} ms) | ×{r['speedup']:.2f}")
+              f"{r['pytorch']['time_to_first_token_s'] * 1e3:.0f} ms) | ×{r['speedup']:.2f} | "
+              f"XLA matrix products alone {r['dense_products_tokens_per_s']:.1f} tok/s")
     print(json.dumps(result))
 
 

@@ -8,8 +8,10 @@ BertForSequenceClassification / BertForTokenClassification / BertForQuestionAnsw
 head on the two entity-start states over BertModel for relations). Both consume the very same
 batches in the same order (drawn from our pipeline), with the same hyperparameters (AdamW,
 β=(0.9, 0.999), ε=1e-8, weight decay 0.01 except biases and LayerNorm, 10% warmup then linear
-decay, clipping at 1, dropout 0.1), and are scored by the same metric code on the same fixed
-evaluation subset. Heads start from different random draws, so scores differ by seed noise.
+decay, clipping at 1, dropout 0.1 unless --dropout), and are scored by the same metric code on
+the same fixed evaluation subset. PyTorch's new head starts from a copy of ours (--same_head_init),
+so the runs of one seed differ only in their dropout draws and in floating-point rounding; with
+--dropout=0 only in rounding, which checks the two implementations step for step.
 The last line printed is one JSON object with every figure.
 """
 
@@ -137,14 +139,15 @@ def run_jax(config, workdir: pathlib.Path) -> dict:
 class RelationModel:
     """BertModel + dropout + a linear layer on the concatenated entity-start states."""
 
-    def __new__(cls, path, num_labels):
+    def __new__(cls, path, num_labels, rates):
         import torch
         import transformers
 
         class Relation(torch.nn.Module):
             def __init__(self):
                 super().__init__()
-                self.bert = transformers.BertModel.from_pretrained(path, add_pooling_layer=False)
+                self.bert = transformers.BertModel.from_pretrained(
+                    path, add_pooling_layer=False, **rates)
                 d = self.bert.config.hidden_size
                 self.dropout = torch.nn.Dropout(self.bert.config.hidden_dropout_prob)
                 self.classifier = torch.nn.Linear(2 * d, num_labels)
@@ -161,16 +164,20 @@ class RelationModel:
         return Relation()
 
 
-def torch_model(kind: str, path: str, num_labels: int):
+def torch_model(kind: str, path: str, num_labels: int, dropout: float):
     import transformers
 
+    rates = dict(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+                 classifier_dropout=dropout)
     if kind == "classification":
-        return transformers.BertForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        return transformers.BertForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, **rates)
     if kind == "token_classification":
-        return transformers.BertForTokenClassification.from_pretrained(path, num_labels=num_labels)
+        return transformers.BertForTokenClassification.from_pretrained(
+            path, num_labels=num_labels, **rates)
     if kind == "qa":
-        return transformers.BertForQuestionAnswering.from_pretrained(path)
-    return RelationModel(path, num_labels)
+        return transformers.BertForQuestionAnswering.from_pretrained(path, **rates)
+    return RelationModel(path, num_labels, rates)
 
 
 def torch_forward(model, kind: str, batch: dict, train: bool):
@@ -192,7 +199,36 @@ def torch_forward(model, kind: str, batch: dict, train: bool):
     return out.loss, {"logits": out.logits}
 
 
-def run_torch(config, minilm_hf: str, steps: int, tokenizer) -> dict:
+def initial_head(config) -> dict[str, np.ndarray]:
+    """The task head our trainer starts from for `config` (same seed, same initializer)."""
+    import jax
+    import optax
+
+    from transformer.models import ModelConfig
+    from transformer.train import objectives, trainer
+    from transformer.train import state as train_state
+
+    config = trainer.resolve_config(config)
+    model_config = ModelConfig.from_dict(config.model.to_dict())
+    build = objectives.get_objective(config.objective).builder(model_config, config)
+    init = train_state.make_init_fn(model_config, optax.identity(), config.seed, build)
+    params = jax.eval_shape(init).params  # Which leaves; then only the head is computed.
+    assert set(params) == {"backbone", "head"}, list(params)
+    head = jax.jit(lambda: init().params["head"])()
+    return {k: np.asarray(v) for k, v in head.items()}
+
+
+def set_head(model, kind: str, head: dict[str, np.ndarray]) -> None:
+    """Copies our head ([inputs, outputs] kernel and bias) into the PyTorch model's linear head."""
+    import torch
+
+    linear = model.qa_outputs if kind == "qa" else model.classifier
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(head["kernel"].T.copy()))
+        linear.bias.copy_(torch.from_numpy(head["bias"]))
+
+
+def run_torch(config, minilm_hf: str, steps: int, tokenizer, head=None, dropout=0.1) -> dict:
     import torch
     import transformers
 
@@ -201,7 +237,9 @@ def run_torch(config, minilm_hf: str, steps: int, tokenizer) -> dict:
 
     torch.manual_seed(config.seed)
     task = objectives.task_of(config)
-    model = torch_model(task.kind, minilm_hf, task.num_labels)
+    model = torch_model(task.kind, minilm_hf, task.num_labels, dropout)
+    if head is not None:
+        set_head(model, task.kind, head)
     no_decay = lambda n: n.endswith("bias") or "LayerNorm" in n
     groups = [
         {"params": [p for n, p in model.named_parameters() if not no_decay(n)],
@@ -246,6 +284,10 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/finetune_parity")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply subset sizes")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--same_head_init", type=int, default=1,
+                        help="1: PyTorch's head starts from our initial head (seeds then differ "
+                        "only in dropout); 0: each framework draws its own")
+    parser.add_argument("--dropout", type=float, default=0.1, help="dropout of both (0: none)")
     args = parser.parse_args()
     import torch
 
@@ -271,8 +313,12 @@ def main() -> None:
             config.warmup_steps = config.num_train_steps // 10
             config.eval_every = config.checkpoint_every = config.num_train_steps
             config.log_every = max(1, config.num_train_steps // 10)
+            config.model.dropout_rate = config.model.attention_dropout_rate = args.dropout
+            config.finetune.classifier_dropout = args.dropout
+            head = initial_head(config) if args.same_head_init else None
             runs["jax"].append(run_jax(config, root / "runs" / f"{task}-{seed}"))
-            runs["torch"].append(run_torch(config, minilm_hf, config.num_train_steps, tokenizer))
+            runs["torch"].append(run_torch(config, minilm_hf, config.num_train_steps, tokenizer,
+                                           head, args.dropout))
             key = HEADLINE[task]
             print(f"{task} seed {seed}: steps {config.num_train_steps}; "
                   f"jax {key}={runs['jax'][-1]['metrics'][key]:.4f} "
