@@ -183,9 +183,13 @@ def _prefill_jit(graphdef, params, ids, mask, rng, config):
     return prefill(nnx.merge(graphdef, params), ids, mask, rng, config)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5), donate_argnums=(2,))
-def _step_jit(graphdef, params, state, lengths, prompt_len, config):
-    return decode_step(nnx.merge(graphdef, params), state, lengths, prompt_len, config)
+@functools.lru_cache(maxsize=16)
+def _stepper(graphdef: Any, prompt_len: int, config: SamplingConfig):
+    """The jitted one-token step for this model structure (hashed once per `stream`, not per
+    token: hashing a graphdef costs milliseconds)."""
+    def step(params, state, lengths):
+        return decode_step(nnx.merge(graphdef, params), state, lengths, prompt_len, config)
+    return jax.jit(step, donate_argnums=(1,))
 
 
 def stream(
@@ -199,8 +203,9 @@ def stream(
     graphdef, params = nnx.split(decoding_model(model))
     rng = jax.random.key(0) if rng is None else rng
     state, lengths = _prefill_jit(graphdef, params, jnp.asarray(ids), jnp.asarray(mask), rng, config)
+    step_fn = _stepper(graphdef, ids.shape[1], config)
     for step in range(config.max_new_tokens):
-        state = _step_jit(graphdef, params, state, lengths, ids.shape[1], config)
+        state = step_fn(params, state, lengths)
         token = int(state.tokens[0, step])
         yield token
         if token in config.stop_tokens:
