@@ -15,7 +15,7 @@ Variants (comma-separated): `sst2` (local TSV from ../shared/data/sst2, the defa
 import os
 import pathlib
 
-from transformer.train.config import finetune_config, tiny_finetune
+from transformer.train.config import epoch_schedule, finetune_config, tiny_finetune
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 GLUE_DIR = pathlib.Path(os.environ.get("GLUE_DIR", DATA / "glue"))
@@ -48,11 +48,8 @@ def get_config(arg: str = "sst2"):
     c.data.max_length = 128  # Tokens per example (pairs are truncated longest-first).
     c.data.global_batch_size = 32  # Examples per step.
     c.learning_rate = 5e-5  # Peak, after warmup; then linear decay to 0.
-    steps_per_epoch = TRAIN_SIZES[glue] // c.data.global_batch_size
-    c.num_train_steps = epochs * steps_per_epoch  # Epochs over the training split.
-    c.warmup_steps = c.num_train_steps // 10  # 10% warmup.
-    c.eval_every = steps_per_epoch // 2  # Evaluate twice an epoch, and at the end.
-    c.checkpoint_every = c.eval_every
+    # 10% warmup; evaluate twice an epoch and at the end.
+    epoch_schedule(c, TRAIN_SIZES[glue], epochs, evals_per_epoch=2)
     if "ci" in variants:
         tiny_finetune(c)
     return c

@@ -16,7 +16,7 @@ from the training split), and `ci` (a tiny random model, a few steps).
 
 import pathlib
 
-from transformer.train.config import finetune_config, tiny_finetune
+from transformer.train.config import epoch_schedule, finetune_config, tiny_finetune
 
 NER = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "ner"
 CORPORA = {  # task: (train, validation, test, training sentences)
@@ -41,11 +41,7 @@ def get_config(arg: str = "conll2003"):
     c.data.max_length = 128  # Subword tokens per sentence; longer ones are truncated (counted).
     c.data.global_batch_size = 32  # Sentences per step.
     c.learning_rate = 5e-5  # Peak, after warmup; then linear decay to 0.
-    steps_per_epoch = size // c.data.global_batch_size
-    c.num_train_steps = 3 * steps_per_epoch  # Three epochs.
-    c.warmup_steps = c.num_train_steps // 10  # 10% warmup.
-    c.eval_every = steps_per_epoch  # Every epoch, and at the end.
-    c.checkpoint_every = c.eval_every
+    epoch_schedule(c, size, epochs=3)  # 10% warmup; evaluate every epoch and at the end.
     if "ci" in variants:
         tiny_finetune(c)
     return c

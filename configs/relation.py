@@ -15,7 +15,7 @@ data.on_error=skip, is counted and reported). Variants: `semeval` (default), `ci
 
 import pathlib
 
-from transformer.train.config import finetune_config, tiny_finetune
+from transformer.train.config import epoch_schedule, finetune_config, tiny_finetune
 
 SEMEVAL = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "relation"
 
@@ -31,11 +31,7 @@ def get_config(arg: str = "semeval"):
     c.data.max_length = 128  # Tokens per sentence (an entity beyond it is an error).
     c.data.global_batch_size = 32  # Sentences per step.
     c.learning_rate = 5e-5  # Peak, after warmup; then linear decay to 0.
-    steps_per_epoch = 8000 // c.data.global_batch_size
-    c.num_train_steps = 5 * steps_per_epoch  # Five epochs.
-    c.warmup_steps = c.num_train_steps // 10  # 10% warmup.
-    c.eval_every = steps_per_epoch  # Every epoch, and at the end.
-    c.checkpoint_every = c.eval_every
+    epoch_schedule(c, 8000, epochs=5)  # 10% warmup; evaluate every epoch and at the end.
     if "ci" in variants:
         tiny_finetune(c)
     return c

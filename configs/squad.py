@@ -15,7 +15,7 @@ data.on_error=raise to stop at the first one instead. Variants: `squad` (default
 
 import pathlib
 
-from transformer.train.config import finetune_config, tiny_finetune
+from transformer.train.config import epoch_schedule, finetune_config, tiny_finetune
 
 SQUAD = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "squad"
 
@@ -35,11 +35,8 @@ def get_config(arg: str = "squad"):
     c.finetune.n_best_size = 20  # Start/end candidates per window.
     c.finetune.max_answer_length = 30  # Longest answer, in tokens.
     c.learning_rate = 5e-5  # Peak, after warmup; then linear decay to 0.
-    steps_per_epoch = 88_600 // c.data.global_batch_size  # ~88.6k windows of 87.6k questions.
-    c.num_train_steps = 2 * steps_per_epoch  # Two epochs.
-    c.warmup_steps = c.num_train_steps // 10  # 10% warmup.
-    c.eval_every = steps_per_epoch  # Every epoch, and at the end.
-    c.checkpoint_every = c.eval_every
+    # ~88.6k windows of 87.6k questions; 10% warmup; evaluate every epoch and at the end.
+    epoch_schedule(c, 88_600, epochs=2)
     if "ci" in variants:
         tiny_finetune(c)
         c.data.max_length = 128

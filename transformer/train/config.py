@@ -135,6 +135,18 @@ def minilm_dir() -> str:
     return str(pathlib.Path(spec.origin).parent / "model")
 
 
+def epoch_schedule(
+    c: ml_collections.ConfigDict, examples: int, epochs: int, evals_per_epoch: int = 1
+) -> ml_collections.ConfigDict:
+    """Steps for `epochs` passes over `examples` at the configured batch size, 10% warmup, and
+    an evaluation and checkpoint `evals_per_epoch` times an epoch (and at the end)."""
+    steps_per_epoch = examples // c.data.global_batch_size
+    c.num_train_steps = epochs * steps_per_epoch
+    c.warmup_steps = c.num_train_steps // 10
+    c.eval_every = c.checkpoint_every = steps_per_epoch // evals_per_epoch
+    return c
+
+
 def tiny_finetune(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A CPU-sized variant for tests: a 2-layer width-32 random BERT, a few steps."""
     c.model.update(dict(hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64, max_length=128,
