@@ -115,14 +115,15 @@ _DECODING_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def decoding_model(model: Decoder) -> Decoder:
     """The model with its layers as a `LayerList`, sharing every other parameter.
 
-    Made once per model and kept while its stacked layer parameters are unchanged (they are
-    compared by identity, so an update of the model's weights makes a fresh one).
+    Made once per model and kept while its stacked layer parameters are the same arrays (an
+    update of the model's weights replaces them, which makes a fresh one).
     """
     if not isinstance(model.layers, LayerStack):
         return model
-    stacked = tuple(id(a) for a in jax.tree.leaves(nnx.state(model.layers)))
+    stacked = jax.tree.leaves(nnx.state(model.layers))
     kept = _DECODING_MODELS.get(model)
-    if kept is not None and kept[0] == stacked:
+    if kept is not None and len(kept[0]) == len(stacked) and all(
+            a is b for a, b in zip(kept[0], stacked)):
         return kept[1]
     graphdef, state = nnx.split(model)
     unstacked = nnx.merge(graphdef, state)  # A second module over the same arrays.
