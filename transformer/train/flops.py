@@ -1,26 +1,39 @@
 """Model FLOPs per token and peak device FLOP/s, for model FLOPs utilization (MFU).
 
-FLOPs per trained token = 6·N + 12·L·d_attn·T (Kaplan et al. 2020; PaLM appendix B):
-- 6·N: the forward pass does 2 FLOPs per weight per token (multiply + add) and the backward pass
-  twice that; N counts every weight used in a matmul — all parameters except the embedding-lookup
-  tables, plus the output layer, which a tied model reuses from the token table.
-- 12·L·d_attn·T: attention scores QKᵀ and the weighted sum AV, each 2·T·d_attn FLOPs per token per
-  layer forward (d_attn = heads × head_dim, T = sequence length), ×3 for forward and backward.
-  The causal mask is not subtracted (the usual convention, which keeps MFU comparable).
-Rematerialization is not counted: MFU measures useful work only.
+FLOPs per trained token = 3 × the forward FLOPs per token of the model that the step runs
+(Kaplan et al. 2020; PaLM appendix B): a matmul does 2 FLOPs (multiply + add) per weight per
+token forward, and its backward pass twice that (the gradients of its input and of its weight).
+The forward pass per token is:
+- the layer stack, per layer: the Q/K/V/output projections 2·d·(h + 2·h_kv)·d_h + 2·h·d_h·d,
+  the feed-forward 2·d·f·(2, or 3 when gated), and attention 4·T·h·d_h (the scores QKᵀ and the
+  weighted sum AV, each 2·T·h·d_h, T = sequence length). The causal mask is not subtracted (the
+  usual convention, which keeps MFU comparable), nor a sliding window: both are computed in full.
+- the output the objective computes on top (`head_flops`), counted where the model runs it:
+  - LM (`lm_head_flops`): the output layer over the vocabulary, 2·d·V, at every position (a
+    masked LM too: the encoder scores all positions and the loss weights the masked ones), plus
+    a BERT-style MLM transform 2·d²;
+  - task heads (`task_head_flops`): token classification and QA score every token (2·d·labels,
+    2·d·2); sequence classification scores one pooled vector per sequence (2·d·labels, plus the
+    BERT pooler 2·d² with pooling='pooler'), relation extraction one pair of entity states
+    (2·2d·labels), so those per-sequence FLOPs are spread over the T tokens of the sequence.
+    A task model computes no LM head: its backbone's output layer is never run.
+Embedding lookups, biases, norms, activations, softmax, the loss and the optimizer update are
+elementwise work that the count leaves out (a few percent on tiny models, less on big ones), and
+rematerialization is not counted: MFU measures useful work only. tests/train/test_flops.py
+checks every objective against XLA's cost analysis of the compiled train step.
 """
 
 from __future__ import annotations
 
-import math
 import time
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from transformer.models import ModelConfig
-from transformer.train.state import abstract_model
+from transformer.models.heads import HeadConfig
+
+TRAIN_FACTOR = 3  # Forward + backward: the backward pass costs twice the forward.
 
 # Dense bfloat16 peak FLOP/s per device, by `device_kind` prefix (vendor datasheets).
 PEAK_FLOPS = {
@@ -38,18 +51,51 @@ PEAK_FLOPS = {
 }
 
 
-def matmul_params(config: ModelConfig) -> int:
-    """N of the formula: parameters used in matmuls (see the module docstring)."""
-    model = abstract_model(config)
-    total = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    tables = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model.embeddings, nnx.Param)))
-    output = config.vocab_size * config.hidden_size if config.tie_embeddings else 0
-    return total - tables + output
+def layer_flops(config: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of one Transformer block: projections, feed-forward, attention."""
+    d, h, kv, dh = config.hidden_size, config.num_heads, config.kv_heads, config.dim_per_head
+    projections = 2 * d * (h + 2 * kv) * dh + 2 * h * dh * d
+    feed_forward = 2 * d * config.mlp_dim * (3 if config.gated_mlp else 2)
+    attention = 2 * 2 * seq_len * h * dh
+    return projections + feed_forward + attention
 
 
-def flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    attention = 12 * config.num_layers * config.num_heads * config.dim_per_head * seq_len
-    return 6.0 * matmul_params(config) + attention
+def backbone_flops(config: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of the layer stack (an encoder or a decoder)."""
+    if config.architecture not in ("encoder", "decoder"):
+        raise NotImplementedError(f"no FLOP count for architecture {config.architecture!r}; "
+                                  "add its layer stack to transformer/train/flops.py")
+    return config.num_layers * layer_flops(config, seq_len)
+
+
+def lm_head_flops(config: ModelConfig) -> float:
+    """Forward FLOPs per token of the LM output: the MLM transform (encoders), the vocabulary."""
+    d = config.hidden_size
+    transform = 2 * d * d if config.architecture == "encoder" and config.mlm_head else 0
+    return transform + 2 * d * config.vocab_size
+
+
+def task_head_flops(config: ModelConfig, head: HeadConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of a task head (`transformer.models.heads.Head`): per-token heads
+    score every position; sequence and relation heads score one vector per sequence."""
+    d = config.hidden_size
+    if head.kind == "qa":
+        return 2 * d * 2
+    if head.kind == "token_classification":
+        return 2 * d * head.num_labels
+    if head.kind == "relation":
+        return 2 * (2 * d) * head.num_labels / seq_len
+    pooler = 2 * d * d if head.pooling == "pooler" else 0
+    return (pooler + 2 * d * head.num_labels) / seq_len
+
+
+def flops_per_token(config: ModelConfig, seq_len: int, head_flops: float | None = None) -> float:
+    """Training FLOPs per token (see the module docstring): 3 × (layer stack + head) forward.
+    `head_flops` is the objective's output per token (`Objective.head_flops`); None = the plain
+    model's own LM head."""
+    if head_flops is None:
+        head_flops = lm_head_flops(config)
+    return TRAIN_FACTOR * (backbone_flops(config, seq_len) + head_flops)
 
 
 def peak_flops(device: jax.Device, override: float | None = None) -> float:

@@ -2,7 +2,8 @@
 about a task, so that the loop itself knows none.
 
 An objective gives the model to build, the batches to train on, the loss (as sums over the
-batch, so microbatches and devices combine exactly), the train metrics, and an evaluator.
+batch, so microbatches and devices combine exactly), the train metrics, an evaluator, and the
+FLOPs of the output it computes on top of the layer stack (for MFU).
 
   lm                    pretraining: causal or masked LM (`data.objective`), packed rows
   classification        sequence (pair) classification: pooled features → labels
@@ -26,6 +27,7 @@ from flax import nnx
 from transformer.data import pipeline, tasks
 from transformer.models import MODELS, ModelConfig
 from transformer.models.heads import HeadConfig, TaskModel
+from transformer.train import flops
 from transformer.train.losses import cross_entropy
 
 Batch = dict[str, jax.Array]
@@ -41,6 +43,9 @@ class Objective:
     summarize: Callable[[dict[str, jax.Array]], dict[str, jax.Array]]  # sums → train metrics
     train_data: Callable[..., Iterator[dict[str, Any]]]  # (config, tokenizer) → batches
     evaluator: Callable[..., Callable[[Any, int], dict[str, float]]]  # see `make_evaluator`
+    # Forward FLOPs per token of what the model computes on top of its layer stack, for MFU:
+    # (model config, config, sequence length) → FLOPs (see transformer/train/flops.py).
+    head_flops: Callable[[ModelConfig, ml_collections.ConfigDict, int], float]
 
 
 OBJECTIVES: dict[str, Objective] = {}
@@ -96,8 +101,12 @@ def _lm_evaluator(config, tokenizer, graphdef, params_sharding, batch_sharding, 
                                                  batch_sharding)
 
 
+def _lm_head_flops(model_config, config, seq_len):
+    return flops.lm_head_flops(model_config)
+
+
 register(Objective("lm", ("batch", "length"), _lm_builder, _lm_loss, _lm_summary, _lm_data,
-                   _lm_evaluator))
+                   _lm_evaluator, _lm_head_flops))
 
 
 # --- Fine-tuning tasks. ------------------------------------------------------------------------
@@ -173,9 +182,13 @@ def _task_evaluator(config, tokenizer, graphdef, params_sharding, batch_sharding
                                    out_dir=out_dir)
 
 
+def _task_head_flops(model_config, config, seq_len):
+    return flops.task_head_flops(model_config, head_config(config), seq_len)
+
+
 for _kind in ("classification", "token_classification", "qa", "relation"):
     register(Objective(_kind, ("batch",), _task_builder, _task_loss, _task_summary, _task_data,
-                       _task_evaluator))
+                       _task_evaluator, _task_head_flops))
 
 # The metric that selects the best checkpoint, by task kind (the key the evaluator reports).
 BEST_METRIC = {"classification": "eval_accuracy", "token_classification": "eval_entity_f1",

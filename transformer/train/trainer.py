@@ -104,7 +104,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     # --- Train. -----------------------------------------------------------------------------
     log = MetricLog(workdir, total_steps=config.num_train_steps, start_step=start_step)
     tokens_per_step = config.data.global_batch_size * seq_len
-    flops_per_step = flops.flops_per_token(model_config, seq_len) * tokens_per_step
+    head_flops = objective.head_flops(model_config, config, seq_len)  # What the step runs.
+    flops_per_step = flops.flops_per_token(model_config, seq_len, head_flops) * tokens_per_step
     peak = flops.peak_flops(jax.devices()[0], config.peak_flops) * jax.device_count()
     preempted = install_sigterm_handler()
     pending, last_metrics = None, {}
