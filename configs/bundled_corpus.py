@@ -5,6 +5,8 @@ import pathlib
 
 import ml_collections
 
+from transformer import locations
+
 CORPUS = pathlib.Path(__file__).resolve().parents[1] / "data" / "shakespeare"
 
 
@@ -15,8 +17,9 @@ def use_bundled_corpus(c: ml_collections.ConfigDict, *, vocab_size: int = 4096,
     c.model.vocab_size = vocab_size
     c.tokenizer_training.files = str(CORPUS / "train.txt.gz")
     c.tokenizer_training.vocab_size = vocab_size
-    c.data.tokenizer = str(CORPUS / "cache" / f"shakespeare_sp{vocab_size}.model")
-    c.data.cache_dir = str(CORPUS / "cache")
+    # Trained once, then reused by every run: in the user cache, never in the source tree.
+    c.data.tokenizer = str(locations.cache_dir("tokenizers") / f"shakespeare_sp{vocab_size}.model")
+    c.data.cache_dir = ""  # Prepared datasets: the user cache too (transformer.locations).
     c.data.dataset = ""
     c.data.local_format = "text"
     c.data.local_options.document = "blank_line"

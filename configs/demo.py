@@ -3,9 +3,10 @@
     python -m transformer.main --config=configs/demo.py --workdir=/tmp/demo
 
 No download: the corpus ships in data/shakespeare/; a 4,096-piece SentencePiece tokenizer is
-trained on it at first run and cached in data/shakespeare/cache/. At the end the run prints
-generated samples. Rerunning the command resumes from the last checkpoint (and, once finished,
-only evaluates and samples again).
+trained on it at first run and cached in ~/.cache/transformer/ ($TRANSFORMER_CACHE), as is the
+prepared dataset and the compiled programs. At the end the run prints generated samples.
+Rerunning the command resumes from the last checkpoint (and, once finished, only evaluates and
+samples again).
 """
 
 from configs.bundled_corpus import use_bundled_corpus

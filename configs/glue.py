@@ -7,18 +7,19 @@ pooled [CLS] state.
         --config.init_from=/tmp/minilm
     python -m transformer.evaluate --config=configs/glue.py:sst2 --checkpoint=/tmp/sst2/best
 
-Variants (comma-separated): `sst2` (local TSV from ../shared/data/sst2, the default),
+Variants (comma-separated): `sst2` (local TSVs in $TRANSFORMER_DATA/sst2/, the default),
 `sst2_tfds` (the TFDS catalog `glue/sst2`, prepared beforehand: nothing is downloaded), `cola`,
-`qnli`, `mnli` (GLUE TSVs under $GLUE_DIR/<TASK>/), and `ci` (a tiny random model, a few steps).
+`qnli`, `mnli` (GLUE TSVs under $GLUE_DIR/<TASK>/), and `ci`
+(a tiny random model, a few steps, on the repository's SST-2 sample).
 """
 
 import os
 import pathlib
 
+from transformer import locations
 from transformer.train.config import epoch_schedule, finetune_config, tiny_finetune
 
-DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
-GLUE_DIR = pathlib.Path(os.environ.get("GLUE_DIR", DATA / "glue"))
+GLUE_DIR = pathlib.Path(os.environ.get("GLUE_DIR", locations.dataset("glue")))
 # GLUE task → (registered task, folder, eval file, epochs).
 TASKS = {
     "sst2": ("sst2", "SST-2", "dev.tsv", 3),
@@ -41,7 +42,9 @@ def get_config(arg: str = "sst2"):
         c.data.dataset = f"glue/{glue}"  # TFDS catalog name; read from data_dir, never downloaded.
         c.data.eval_split = "validation"
     else:
-        root = DATA / "sst2" if glue == "sst2" else GLUE_DIR / folder
+        root = locations.dataset("sst2") if glue == "sst2" else GLUE_DIR / folder
+        if "ci" in variants and glue == "sst2":
+            root = locations.sample("sst2")
         c.data.local_format = "tsv"  # GLUE TSVs: a header row, quotes are literal text.
         c.data.local_files.train = str(root / "train.tsv")
         c.data.local_files.validation = str(root / eval_file)

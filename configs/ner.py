@@ -9,16 +9,17 @@ Scored with entity-level F1 (the seqeval/conlleval definition).
     python -m transformer.evaluate --config=configs/ner.py:conll2003 --checkpoint=/tmp/ner/best \
         --split=test
 
-Variants (comma-separated): `conll2003` (IOB2 files in ../shared/data/ner, the default),
+Variants (comma-separated): `conll2003` (IOB2 files in $TRANSFORMER_DATA/ner/, the default),
 `wnut17`, `custom` (your own CoNLL files and tag set: set data.local_files.* ; the tags are read
-from the training split), and `ci` (a tiny random model, a few steps).
+from the training split), and `ci` (a tiny random model, a few steps, on the
+repository's WNUT-17 sample).
 """
 
-import pathlib
-
+from transformer import locations
 from transformer.train.config import epoch_schedule, finetune_config, tiny_finetune
 
-NER = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "ner"
+NER = locations.dataset("ner")
+SAMPLE = locations.sample("wnut17")
 CORPORA = {  # task: (train, validation, test, training sentences)
     "conll2003": (NER / "conll2003" / "iob2" / "train.txt", NER / "conll2003" / "iob2" / "valid.txt",
                   NER / "conll2003" / "iob2" / "test.txt", 14041),
@@ -30,10 +31,14 @@ CORPORA = {  # task: (train, validation, test, training sentences)
 def get_config(arg: str = "conll2003"):
     variants = [a for a in arg.split(",") if a] or ["conll2003"]
     name = next((v for v in variants if v in CORPORA), "conll2003")
+    if "ci" in variants:  # CoNLL-2003 may not be redistributed: the sample is WNUT-17's.
+        name = "wnut17"
     task = "my_ner" if "custom" in variants else name  # A new name: tags from the train split.
     c = finetune_config("token_classification", task)
     c.init_from = ""  # Our model checkpoint to fine-tune (python -m transformer.convert import).
     train, validation, test, size = CORPORA[name]
+    if "ci" in variants:
+        train, validation, test = SAMPLE / "train.conll", SAMPLE / "dev.conll", SAMPLE / "test.conll"
     c.data.local_format = "conll"  # One token per line (token first, tag last), blank lines between.
     c.data.local_files.train = str(train)
     c.data.local_files.validation = str(validation)

@@ -10,14 +10,12 @@ Scored with the official macro-F1 over the 9 relations (direction-aware, Other e
     python -m transformer.evaluate --config=configs/relation.py --checkpoint=/tmp/semeval/best
 
 A sentence without one of its four markers stops the run naming its file and line (or, with
-data.on_error=skip, is counted and reported). Variants: `semeval` (default), `ci`.
+data.on_error=skip, is counted and reported). Variants: `semeval` (default:
+$TRANSFORMER_DATA/relation/), `ci` (a tiny random model on the repository's SemEval sample).
 """
 
-import pathlib
-
+from transformer import locations
 from transformer.train.config import epoch_schedule, finetune_config, tiny_finetune
-
-SEMEVAL = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "relation"
 
 
 def get_config(arg: str = "semeval"):
@@ -25,8 +23,9 @@ def get_config(arg: str = "semeval"):
     c = finetune_config("relation", "semeval2010_task8")
     c.init_from = ""  # Our model checkpoint to fine-tune (python -m transformer.convert import).
     c.data.local_format = "semeval"  # The release format: id + quoted sentence, label, comment.
-    c.data.local_files.train = str(SEMEVAL / "TRAIN_FILE.TXT")
-    c.data.local_files.test = str(SEMEVAL / "TEST_FILE_FULL.TXT")
+    root = locations.sample("semeval") if "ci" in variants else locations.dataset("relation")
+    c.data.local_files.train = str(root / "TRAIN_FILE.TXT")
+    c.data.local_files.test = str(root / "TEST_FILE_FULL.TXT")
     c.data.eval_split = "test"  # SemEval has no validation split; papers report test.
     c.data.max_length = 128  # Tokens per sentence (an entity beyond it is an error).
     c.data.global_batch_size = 32  # Sentences per step.

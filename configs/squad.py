@@ -10,14 +10,12 @@ every window, scored with the official EM/F1.
 
 Questions whose answer does not occur at its offset in the context are skipped, counted, and
 reported in the log and in the evaluation metrics (eval_count_bad_squad_question); set
-data.on_error=raise to stop at the first one instead. Variants: `squad` (default), `ci`.
+data.on_error=raise to stop at the first one instead. Variants: `squad`
+(default: $TRANSFORMER_DATA/squad/), `ci` (a tiny random model on the repository's SQuAD sample).
 """
 
-import pathlib
-
+from transformer import locations
 from transformer.train.config import epoch_schedule, finetune_config, tiny_finetune
-
-SQUAD = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "squad"
 
 
 def get_config(arg: str = "squad"):
@@ -25,8 +23,8 @@ def get_config(arg: str = "squad"):
     c = finetune_config("qa", "squad")
     c.init_from = ""  # Our model checkpoint to fine-tune (python -m transformer.convert import).
     c.data.local_format = "squad"  # SQuAD v1.1 JSON (gzip or plain).
-    c.data.local_files.train = str(SQUAD / "train-v1.1.reconstructed.json.gz")
-    c.data.local_files.validation = str(SQUAD / "dev-v1.1.json.gz")
+    c.data.local_files.train = str(locations.dataset("squad", "train-v1.1.reconstructed.json.gz"))
+    c.data.local_files.validation = str(locations.dataset("squad", "dev-v1.1.json.gz"))
     c.data.on_error = "skip"  # Bad questions: skipped and counted, not fatal.
     c.data.max_length = 384  # Tokens per window: [CLS] question [SEP] context part [SEP].
     c.data.doc_stride = 128  # Context tokens shared by consecutive windows.
@@ -42,4 +40,6 @@ def get_config(arg: str = "squad"):
         c.data.max_length = 128
         c.data.doc_stride = 32
         c.data.max_query_length = 32
+        c.data.local_files.train = str(locations.sample("squad", "train-v1.1.json"))
+        c.data.local_files.validation = str(locations.sample("squad", "dev-v1.1.json"))
     return c

@@ -12,14 +12,12 @@ finetune.labels); a label found only in the evaluation file stops the run naming
     python -m transformer.evaluate --config=configs/text_classification.py \
         --checkpoint=/tmp/tc/best --config.data.local_files.validation=reviews_dev.csv ...
 
-By default it reads the SST-2 TSVs in ../shared/data as a generic file. Variants: `base`, `ci`.
+By default it reads the SST-2 TSVs in $TRANSFORMER_DATA/sst2/ as a generic file. Variants: `base`,
+`ci` (a tiny random model on the repository's SST-2 sample).
 """
 
-import pathlib
-
+from transformer import locations
 from transformer.train.config import finetune_config, tiny_finetune
-
-SST2 = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 
 
 def get_config(arg: str = "base"):
@@ -27,8 +25,9 @@ def get_config(arg: str = "base"):
     c = finetune_config("classification", "text_classification")  # Not registered: defined here.
     c.init_from = ""  # Our model checkpoint to fine-tune (python -m transformer.convert import).
     c.data.local_format = "tsv"  # csv, tsv (a header row names the columns) or jsonl.
-    c.data.local_files.train = str(SST2 / "train.tsv")
-    c.data.local_files.validation = str(SST2 / "dev.tsv")
+    root = locations.sample("sst2") if "ci" in variants else locations.dataset("sst2")
+    c.data.local_files.train = str(root / "train.tsv")
+    c.data.local_files.validation = str(root / "dev.tsv")
     c.finetune.text_keys = "sentence"  # The text column; two (comma-separated) for pairs.
     c.finetune.label_key = "label"  # The label column.
     c.finetune.labels = ""  # "" = the sorted distinct labels of the training split.

@@ -11,15 +11,47 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
+import stat  # noqa: E402
+import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
 
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
+# The tests read only the repository: no full dataset folder, even where one sits beside the checkout.
+os.environ["TRANSFORMER_DATA"] = str(pathlib.Path(tempfile.gettempdir()) / "transformer-tests-no-data")
+# A cache of the test runs' own (trained tokenizers, prepared datasets), shared by the workers.
+TEST_CACHE = pathlib.Path(tempfile.gettempdir()) / f"transformer-tests-cache-{os.getuid()}"
+os.environ.setdefault("TRANSFORMER_CACHE", str(TEST_CACHE))
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> pathlib.Path:
-    """The real datasets and tokenizer files beside the repository (../shared/data)."""
-    if not SHARED_DATA.is_dir():
-        raise FileNotFoundError(f"expected the shared data folder at {SHARED_DATA}")
-    return SHARED_DATA
+def fixtures() -> pathlib.Path:
+    """Small samples of the real datasets and tokenizer files (tests/fixtures/, see its README)."""
+    return FIXTURES
+
+
+REPO = FIXTURES.parents[1]
+NOT_COPIED = {".git", "__pycache__", ".pytest_cache", ".ruff_cache"}
+
+
+def _snapshot(root: pathlib.Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in root.rglob("*")}
+
+
+@pytest.fixture(scope="session")
+def read_only_repo(tmp_path_factory):
+    """A copy of the checkout without write permission; at the end, checked to be unchanged
+    (root may write anyway, so the check is what proves it)."""
+    copy = tmp_path_factory.mktemp("checkout") / "repo"
+    shutil.copytree(REPO, copy, ignore=lambda _, names: [n for n in names if n in NOT_COPIED])
+    for path in [copy, *copy.rglob("*")]:
+        mode = path.stat().st_mode
+        path.chmod(mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    before = _snapshot(copy)
+    yield copy
+    after = _snapshot(copy)
+    for path in [copy, *copy.rglob("*")]:  # Let pytest clean it up.
+        path.chmod(path.stat().st_mode | stat.S_IWUSR)
+    assert after == before, f"written into the checkout: {sorted(set(after) ^ set(before))}"

@@ -38,12 +38,12 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, shared_data):
+def setup(tmp_path_factory, fixtures):
     """The corpus and the overrides every run shares."""
     from transformer.data.tokenizer import load_tokenizer
 
     root = tmp_path_factory.mktemp("multiprocess")
-    tokenizer_path = shared_data / "tokenizers" / "encoder.json"
+    tokenizer_path = fixtures / "tokenizers" / "encoder.json"
     tokenizer = load_tokenizer(tokenizer_path)
     rng = np.random.default_rng(0)
 

@@ -1,7 +1,8 @@
 """The notebooks in colabs/ run top to bottom on a CPU, offline, without a cell error.
 
-Each notebook executes in a fresh Jupyter kernel (nbclient) whose working directory is colabs/ and
-whose PYTHONPATH holds the repository root; JAX sees the plain CPU (the 8 simulated devices of
+Each notebook executes in a fresh Jupyter kernel (nbclient) whose working directory is colabs/ of
+a read-only copy of the checkout (tests/conftest.py checks that nothing is written into it) and
+whose PYTHONPATH holds that copy's root; JAX sees the plain CPU (the 8 simulated devices of
 conftest.py are removed: 05_scaling.ipynb sets them up itself), and HTTP(S) goes to a dead proxy, so
 nothing is downloaded. The executed copies, with their outputs, are written to pytest's tmp_path;
 the notebooks that plot must have produced PNG images. The repository copies carry no outputs.
@@ -32,12 +33,14 @@ CELL_TIMEOUT_S = 300
 DEAD_PROXY = "http://127.0.0.1:9"  # The discard port: any download fails at once.
 
 
-def kernel_env() -> dict[str, str]:
+def kernel_env(repo: pathlib.Path) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
     env.update(
         JAX_PLATFORMS="cpu",
-        PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])]),
+        PYTHONPATH=os.pathsep.join([str(repo), *filter(None, [env.get("PYTHONPATH")])]),
+        # Bytecode elsewhere, as for an installed package whose directory is not writable.
+        PYTHONPYCACHEPREFIX=str(repo.parent / "pycache"),
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         TF_CPP_MIN_LOG_LEVEL="3",
@@ -48,13 +51,14 @@ def kernel_env() -> dict[str, str]:
     return env
 
 
-def execute(name: str, out_dir: pathlib.Path) -> nbformat.NotebookNode:
-    notebook = nbformat.read(COLABS / f"{name}.ipynb", as_version=4)
+def execute(name: str, out_dir: pathlib.Path, repo: pathlib.Path) -> nbformat.NotebookNode:
+    colabs = repo / "colabs"
+    notebook = nbformat.read(colabs / f"{name}.ipynb", as_version=4)
     client = NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                            resources={"metadata": {"path": str(COLABS)}})
+                            resources={"metadata": {"path": str(colabs)}})
     start = time.perf_counter()
     try:
-        client.execute(env=kernel_env())
+        client.execute(env=kernel_env(repo))
     finally:  # Keep the executed copy, also when a cell failed, to read its outputs.
         nbformat.write(notebook, out_dir / f"{name}.ipynb")
         print(f"{name}: {time.perf_counter() - start:.1f} s → {out_dir / f'{name}.ipynb'}",
@@ -85,8 +89,9 @@ def test_notebook_is_committed_clean_with_a_colab_badge(name):
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs_on_cpu(name, tmp_path):
-    notebook = execute(name, tmp_path)  # Raises CellExecutionError, with the cell, on an error.
+def test_notebook_runs_on_cpu(name, tmp_path, read_only_repo):
+    # Raises CellExecutionError, with the cell, on an error.
+    notebook = execute(name, tmp_path, read_only_repo)
     errors = [o for o in outputs(notebook) if o.output_type == "error"]
     assert not errors, [f"{e.ename}: {e.evalue}" for e in errors]
     images = [o for o in outputs(notebook) if "image/png" in o.get("data", {})]

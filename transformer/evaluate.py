@@ -26,6 +26,8 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from transformer.locations import enable_compilation_cache  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The recipe the model was trained with.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "WORKDIR/best, WORKDIR/model, or a copy.")
 _SPLIT = flags.DEFINE_string("split", "", "Split to evaluate (default: data.eval_split).")
@@ -87,6 +89,7 @@ def main(argv: list[str]) -> None:
     del argv
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
+    enable_compilation_cache()
     results = evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value, _SPLIT.value, _OUTPUT.value)
     if jax.process_index() == 0:
         print(json.dumps(results, indent=1), flush=True)

@@ -57,10 +57,12 @@ def sampling_config(tokenizer: Any, *, max_new_tokens: int, temperature: float, 
 def main(argv: Sequence[str]) -> None:
     from absl import flags
 
+    from transformer.locations import enable_compilation_cache
     from transformer.pretrained import from_pretrained
 
     FLAGS = flags.FLAGS
     del argv
+    enable_compilation_cache()
     tokenizer, model = from_pretrained(FLAGS.checkpoint)
     if tokenizer is None:
         raise SystemExit(f"{FLAGS.checkpoint} has no tokenizer files; generation needs them")

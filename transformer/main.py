@@ -48,8 +48,10 @@ def main(argv: list[str]) -> None:
     del argv
     if not flags.FLAGS["verbosity"].present:  # Library INFO logs (orbax) only when asked for.
         absl_logging.set_verbosity(absl_logging.WARNING)
+    from transformer.locations import enable_compilation_cache
     from transformer.train import run
 
+    enable_compilation_cache()
     run.run(_CONFIG.value, _WORKDIR.value)
 
 

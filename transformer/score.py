@@ -46,10 +46,12 @@ def read_texts(texts: Sequence[str] | None, file: str | None) -> list[str]:
 def main(argv: Sequence[str]) -> None:
     from absl import flags
 
+    from transformer.locations import enable_compilation_cache
     from transformer.pretrained import from_pretrained
 
     FLAGS = flags.FLAGS
     del argv
+    enable_compilation_cache()
     tokenizer, model = from_pretrained(FLAGS.checkpoint)
     if tokenizer is None:
         raise SystemExit(f"{FLAGS.checkpoint} has no tokenizer files; scoring text needs them")

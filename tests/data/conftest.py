@@ -1,6 +1,5 @@
-"""Fixtures of the data tests: tokenizers from the real files in ../shared/data, small slices."""
+"""Fixtures of the data tests: tokenizers from the real files in tests/fixtures, small slices."""
 
-import gzip
 import importlib.util
 import json
 import pathlib
@@ -12,8 +11,8 @@ from transformer.data.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="session")
-def tokenizer_dir(shared_data) -> pathlib.Path:
-    return shared_data / "tokenizers"
+def tokenizer_dir(fixtures) -> pathlib.Path:
+    return fixtures / "tokenizers"
 
 
 @pytest.fixture(scope="session")
@@ -40,14 +39,14 @@ def bert(minilm_dir):
 
 
 @pytest.fixture(scope="session")
-def sst2_sentences(shared_data) -> list[str]:
-    lines = (shared_data / "sst2" / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:301]
+def sst2_sentences(fixtures) -> list[str]:
+    lines = (fixtures / "sst2" / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:301]
     return [line.split("\t")[0] for line in lines]
 
 
 @pytest.fixture(scope="session")
-def squad_dev(shared_data) -> dict:
-    with gzip.open(shared_data / "squad" / "dev-v1.1.json.gz", "rt", encoding="utf-8") as fh:
+def squad_dev(fixtures) -> dict:
+    with open(fixtures / "squad" / "dev-v1.1.json", encoding="utf-8") as fh:
         return json.load(fh)
 
 

@@ -15,9 +15,9 @@ from transformer.models import build_model, get_preset
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
-def test_packed_rows_score_like_unpacked_sequences(shared_data):
-    tokenizer = gpt2_tokenizer(shared_data / "tokenizers" / "encoder.json",
-                               shared_data / "tokenizers" / "vocab.bpe")
+def test_packed_rows_score_like_unpacked_sequences(fixtures):
+    tokenizer = gpt2_tokenizer(fixtures / "tokenizers" / "encoder.json",
+                               fixtures / "tokenizers" / "vocab.bpe")
     with gzip.open(REPO / "data" / "shakespeare" / "validation.txt.gz", "rt") as f:
         paragraphs = [p for p in f.read(20_000).split("\n\n") if p.strip()][:24]
     sequences = [np.asarray(tokenizer.encode(p)[:40], np.int32) for p in paragraphs]

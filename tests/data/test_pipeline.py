@@ -11,9 +11,10 @@ KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, shared_data):
+def corpus(tmp_path_factory, fixtures):
     d = tmp_path_factory.mktemp("corpus")
-    with gzip.open(shared_data / "lm" / "shakespeare.txt.gz", "rt", encoding="utf-8") as fh:
+    with gzip.open(fixtures.parent.parent / "data" / "shakespeare" / "train.txt.gz", "rt",
+                   encoding="utf-8") as fh:
         lines = [next(fh) for _ in range(3000)]
     path = d / "shakespeare_head.txt"
     path.write_text("".join(lines), encoding="utf-8")

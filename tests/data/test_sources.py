@@ -14,9 +14,9 @@ from transformer.data.local_builder import build_local_dataset
 from transformer.data.sources import DataError, DatasetNotPreparedError, catalog_source
 
 
-def test_local_builder_writes_array_record(tmp_path, shared_data):
-    train = head_lines(shared_data / "sst2" / "train.tsv", tmp_path / "train.tsv", 101)
-    dev = head_lines(shared_data / "sst2" / "dev.tsv", tmp_path / "dev.tsv", 51)
+def test_local_builder_writes_array_record(tmp_path, fixtures):
+    train = head_lines(fixtures / "sst2" / "train.tsv", tmp_path / "train.tsv", 101)
+    dev = head_lines(fixtures / "sst2" / "dev.tsv", tmp_path / "dev.tsv", 51)
     build = build_local_dataset("tsv", {"train": train, "validation": dev}, cache_dir=tmp_path / "c")
     files = sorted(p.name for p in build.builder.data_path.iterdir())
     assert "local_dataset-train.array_record-00000-of-00001" in files
@@ -52,14 +52,18 @@ def test_local_formats(tmp_path):
     assert csv.sources["train"][0]["q"] == b"a, quoted"
 
 
-def test_conll_docstart_counted_and_semeval_crlf(shared_data, tmp_path):
-    src = head_lines(shared_data / "ner" / "conll2003" / "eng.testb", tmp_path / "testb", 40,
-                     blocks=True)
+def test_conll_docstart_counted_and_semeval_crlf(fixtures, tmp_path):
+    # CoNLL-2003's layout: a -DOCSTART- line opens each document (here around real WNUT-17 sentences).
+    sentences = (fixtures / "wnut17" / "dev.conll").read_text(encoding="utf-8").split("\n\n")[:37]
+    docstart = "-DOCSTART- -X- -X- O"
+    documents = [docstart, *sentences[:20], docstart, *sentences[20:], docstart, ""]
+    src = tmp_path / "testb"
+    src.write_text("\n\n".join(documents), encoding="utf-8")
     build = build_local_dataset("conll", {"test": src}, cache_dir=tmp_path)
-    assert build.reports["test"].counts["docstart_lines"] >= 1
-    assert build.splits["test"] == 40 - build.reports["test"].counts["docstart_lines"]
-    rel = list(readers.read_records(shared_data / "relation" / "TEST_FILE_FULL.TXT", "semeval"))
-    assert len(rel) == 2717 and rel[0]["id"] == "8001"
+    assert build.reports["test"].counts["docstart_lines"] == 3
+    assert build.splits["test"] == 37
+    rel = list(readers.read_records(fixtures / "semeval" / "TEST_FILE_FULL.TXT", "semeval"))
+    assert len(rel) == 401 and rel[0]["id"] == "8001" and rel[-1]["id"] == "10717"
     assert not any(r["relation"].endswith("\r") or "\r" in r["sentence"] for r in rel)
 
 

@@ -95,9 +95,9 @@ def test_train_sentencepiece(tmp_path, sst2_sentences, model_type):
     assert ids[0] == tok.cls_id and tok.mask_id in ids and ids[-1] == tok.sep_id
 
 
-def test_train_cli_from_files(tmp_path, shared_data):
+def test_train_cli_from_files(tmp_path, fixtures):
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text((shared_data / "sst2" / "dev.tsv").read_text(encoding="utf-8"))
+    corpus.write_text((fixtures / "sst2" / "dev.tsv").read_text(encoding="utf-8"))
     tokenizer.main(["train", f"--input={corpus}", f"--model_prefix={tmp_path}/cli",
                     "--vocab_size=250", "--model_type=bpe"])
     assert load_tokenizer(tmp_path / "cli.model").vocab_size == 250

@@ -1,6 +1,5 @@
-"""Small slices of the real datasets, in their own formats, and the tokenizer they use."""
+"""Small slices of the real datasets (tests/fixtures), in their own formats, and the tokenizer."""
 
-import gzip
 import json
 
 import pytest
@@ -21,25 +20,24 @@ def _lines(path, n):
 
 
 @pytest.fixture(scope="session")
-def slices(shared_data, tmp_path_factory):
+def slices(fixtures, tmp_path_factory):
     """{task: {split: file}}: eval splits of 19/13/~10/13 examples, so the last batch of 8 is
     partial."""
     root = tmp_path_factory.mktemp("slices")
     out = {}
-    sst = shared_data / "sst2"
+    sst = fixtures / "sst2"
     (root / "sst_train.tsv").write_text("".join(_lines(sst / "train.tsv", 41)))
     (root / "sst_dev.tsv").write_text("".join(_lines(sst / "dev.tsv", 20)))
     out["sst2"] = {"train": root / "sst_train.tsv", "validation": root / "sst_dev.tsv"}
-    iob2 = shared_data / "ner" / "conll2003" / "iob2"
-    for name, n in (("train.txt", 30), ("valid.txt", 13)):
-        blocks = [b for b in (iob2 / name).read_text().split("\n\n")
-                  if b.strip() and not b.startswith("-DOCSTART-")][:n]
+    wnut = fixtures / "wnut17"
+    for name, n in (("train.conll", 30), ("dev.conll", 13)):
+        blocks = [b for b in (wnut / name).read_text().replace("\n\t\n", "\n\n").split("\n\n")
+                  if b.strip()][:n]
         (root / name).write_text("\n\n".join(blocks) + "\n")
-    out["conll2003"] = {"train": root / "train.txt", "validation": root / "valid.txt"}
-    squad = shared_data / "squad"
-    for split, name, n in (("train", "train-v1.1.reconstructed.json.gz", 24),
-                           ("validation", "dev-v1.1.json.gz", 10)):
-        with gzip.open(squad / name, "rt", encoding="utf-8") as f:
+    out["wnut17"] = {"train": root / "train.conll", "validation": root / "dev.conll"}
+    squad = fixtures / "squad"
+    for split, name, n in (("train", "train-v1.1.json", 24), ("validation", "dev-v1.1.json", 10)):
+        with open(squad / name, encoding="utf-8") as f:
             article = json.load(f)["data"][0]
         paragraphs, count = [], 0
         for p in article["paragraphs"]:
@@ -49,7 +47,7 @@ def slices(shared_data, tmp_path_factory):
         (root / f"squad_{split}.json").write_text(json.dumps(
             {"data": [{**article, "paragraphs": paragraphs}], "version": "1.1"}))
     out["squad"] = {s: root / f"squad_{s}.json" for s in ("train", "validation")}
-    relation = shared_data / "relation"
+    relation = fixtures / "semeval"
     for name, n in (("TRAIN_FILE.TXT", 40), ("TEST_FILE_FULL.TXT", 13)):
         blocks = (relation / name).read_bytes().split(b"\r\n\r\n")[:n]
         (root / name).write_bytes(b"\r\n\r\n".join(blocks) + b"\r\n")

@@ -17,7 +17,7 @@ RECIPES = {  # recipe: (variant, data slice, eval examples, best metric, predict
     # (SQuAD counts questions; its evaluated rows are windows, several per question.)
     "glue": ("sst2,ci", "sst2", 19, "eval_accuracy", "predictions.jsonl"),
     "text_classification": ("ci", "sst2", 19, "eval_accuracy", "predictions.jsonl"),
-    "ner": ("conll2003,ci", "conll2003", 13, "eval_entity_f1", "predictions.jsonl"),
+    "ner": ("ci", "wnut17", 13, "eval_entity_f1", "predictions.jsonl"),
     "squad": ("ci", "squad", 10, "eval_f1", "predictions.json"),
     "relation": ("ci", "semeval", 13, "eval_macro_f1", "predictions.jsonl"),
 }

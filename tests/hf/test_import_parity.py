@@ -91,14 +91,14 @@ def minilm():
     return tokenizer, model, BertModel.from_pretrained(str(MINILM_DIR)).eval()
 
 
-def sst2_sentences(shared_data, n=8):
-    lines = (shared_data / "sst2" / "dev.tsv").read_text().splitlines()[1:n + 1]
+def sst2_sentences(fixtures, n=8):
+    lines = (fixtures / "sst2" / "dev.tsv").read_text().splitlines()[1:n + 1]
     return [line.split("\t")[0] for line in lines]
 
 
-def test_minilm_real_sentences(minilm, shared_data):
+def test_minilm_real_sentences(minilm, fixtures):
     tokenizer, model, ref = minilm
-    texts = sst2_sentences(shared_data)
+    texts = sst2_sentences(fixtures)
     inputs = tokenizer(texts, return_tensors="jax")
     hidden, _, pooled = forward(model, inputs["input_ids"], inputs["attention_mask"],
                                 inputs["token_type_ids"])
@@ -120,13 +120,13 @@ def test_minilm_real_sentences(minilm, shared_data):
     assert np.abs(emb - ref_emb).max() < TOL
 
 
-def test_minilm_tokenizer_ids_match_the_folder_tokenizer(minilm, shared_data):
+def test_minilm_tokenizer_ids_match_the_folder_tokenizer(minilm, fixtures):
     import tokenizers
 
     tokenizer = minilm[0]
     reference = tokenizers.Tokenizer.from_file(str(MINILM_DIR / "tokenizer.json"))
     reference.no_padding()
-    for text in sst2_sentences(shared_data):
+    for text in sst2_sentences(fixtures):
         assert tokenizer(text)["input_ids"] == reference.encode(text).ids
 
 
@@ -137,11 +137,11 @@ def test_readme_example(minilm):
     assert outputs.last_hidden_state.shape == (1, inputs["input_ids"].shape[1], 384)
 
 
-def test_minilm_sentence_embeddings_equal_sentence_transformers(minilm, shared_data):
+def test_minilm_sentence_embeddings_equal_sentence_transformers(minilm, fixtures):
     import sentence_transformers
 
     tokenizer, model, _ = minilm
-    texts = sst2_sentences(shared_data, n=4)
+    texts = sst2_sentences(fixtures, n=4)
     reference = sentence_transformers.SentenceTransformer(str(MINILM_DIR), device="cpu").encode(texts)
     ours = sentence_embeddings(tokenizer, model, texts, read_pooling(MINILM_DIR))
     assert np.abs(ours - reference).max() < TOL

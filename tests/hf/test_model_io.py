@@ -19,11 +19,11 @@ from transformer.pretrained import from_pretrained
 TINY = dict(vocab_size=96, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64, max_length=64)
 
 
-def test_save_and_load_round_trip(tmp_path, shared_data):
+def test_save_and_load_round_trip(tmp_path, fixtures):
     model = build_model(get_preset("gpt2-tiny", **TINY), seed=4)
     (tmp_path / "tok").mkdir()
     for name in ("encoder.json", "vocab.bpe"):
-        shutil.copy(shared_data / "tokenizers" / name, tmp_path / "tok" / name)
+        shutil.copy(fixtures / "tokenizers" / name, tmp_path / "tok" / name)
     model_io.save_model(tmp_path / "m", model, tokenizer_dir=tmp_path / "tok")
     assert (tmp_path / "m" / "tokenizer" / "encoder.json").is_file()
     loaded = model_io.load_model(tmp_path / "m")

@@ -44,14 +44,14 @@ def test_mean_pool_ignores_padding():
 
 
 @pytest.fixture(scope="module")
-def gpt2_checkpoint(tmp_path_factory, shared_data):
+def gpt2_checkpoint(tmp_path_factory, fixtures):
     """A tiny GPT-2 with the real GPT-2 vocabulary and tokenizer, in our checkpoint format."""
     config = get_preset("gpt2-tiny", hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64,
                         max_length=128)
     root = tmp_path_factory.mktemp("ckpt")
     (root / "tok").mkdir()
     for name in ("encoder.json", "vocab.bpe"):
-        shutil.copy(shared_data / "tokenizers" / name, root / "tok" / name)
+        shutil.copy(fixtures / "tokenizers" / name, root / "tok" / name)
     path = root / "gpt2"
     model_io.save_model(path, build_model(config, seed=0), tokenizer_dir=root / "tok")
     return path

@@ -81,19 +81,19 @@ def main(args, gcs):
                           env=gcs["env"], capture_output=True, text=True, timeout=600)
 
 
-def gs_args(shared_data, tmp_path, workdir, **overrides):
+def gs_args(fixtures, tmp_path, workdir, **overrides):
     overrides.setdefault("data.cache_dir", tmp_path / "data_cache")  # Data caches stay local.
-    return tiny_args(shared_data, epath.Path(workdir), **overrides)
+    return tiny_args(fixtures, epath.Path(workdir), **overrides)
 
 
 def metric_rows(fs, workdir):
     return [json.loads(x) for x in fs.cat(f"{workdir}/metrics.jsonl").decode().splitlines()]
 
 
-def test_gs_workdir_trains_resumes_and_exports(shared_data, tmp_path, gcs):
+def test_gs_workdir_trains_resumes_and_exports(fixtures, tmp_path, gcs):
     fs, run = gcs["fs"], f"{BUCKET}/run"
     args = dict(checkpoint_every=2, **{"data.cache_dir": tmp_path / "data_cache"})
-    assert_ok(main(gs_args(shared_data, tmp_path, f"gs://{run}", num_train_steps=2, **args), gcs))
+    assert_ok(main(gs_args(fixtures, tmp_path, f"gs://{run}", num_train_steps=2, **args), gcs))
     assert [r["step"] for r in metric_rows(fs, run)] == [1, 2]
     # A complete checkpoint: on GCS, Orbax marks one with commit_success.txt.
     assert fs.exists(f"{run}/checkpoints/2/commit_success.txt")
@@ -107,18 +107,18 @@ def test_gs_workdir_trains_resumes_and_exports(shared_data, tmp_path, gcs):
 
     # A second run resumes from step 2: steps 1-2 are neither trained nor logged again, and the
     # earlier lines of metrics.jsonl are kept although an object cannot be appended to.
-    assert_ok(main(gs_args(shared_data, tmp_path, f"gs://{run}", num_train_steps=3, **args), gcs))
+    assert_ok(main(gs_args(fixtures, tmp_path, f"gs://{run}", num_train_steps=3, **args), gcs))
     assert [r["step"] for r in metric_rows(fs, run)] == [1, 2, 3]
     assert fs.exists(f"{run}/checkpoints/3/commit_success.txt")
 
     # The exported model (and its tokenizer) on gs:// is a starting point for another run.
-    result = main(gs_args(shared_data, tmp_path, tmp_path / "finetune", num_train_steps=1,
+    result = main(gs_args(fixtures, tmp_path, tmp_path / "finetune", num_train_steps=1,
                           init_from=f"gs://{run}/model", **{"data.tokenizer": ""}), gcs)
     assert_ok(result)
     assert (tmp_path / "finetune" / "model" / "tokenizer" / "vocab.bpe").is_file()
 
 
-def test_missing_bucket_fails_with_a_clear_error(shared_data, tmp_path, gcs):
-    result = main(gs_args(shared_data, tmp_path, "gs://no-such-bucket/run"), gcs)
+def test_missing_bucket_fails_with_a_clear_error(fixtures, tmp_path, gcs):
+    result = main(gs_args(fixtures, tmp_path, "gs://no-such-bucket/run"), gcs)
     assert result.returncode != 0
     assert "the bucket does not exist" in result.stderr, result.stderr[-3000:]

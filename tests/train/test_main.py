@@ -17,12 +17,12 @@ from transformer.train.checkpointing import Checkpointer
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
-def tiny_args(shared_data, workdir, **overrides):
+def tiny_args(fixtures, workdir, **overrides):
     corpus = REPO / "data" / "shakespeare" / "validation.txt.gz"
     values = {
         "model.vocab_size": 50304, "model.hidden_size": 32, "model.num_layers": 2,
         "model.num_heads": 4, "model.mlp_dim": 64, "model.max_length": 32,
-        "data.tokenizer": shared_data / "tokenizers" / "encoder.json",
+        "data.tokenizer": fixtures / "tokenizers" / "encoder.json",
         "tokenizer_training.files": "", "data.max_length": 32, "data.global_batch_size": 8,
         "data.local_files.train": corpus, "data.local_files.validation": corpus,
         "data.cache_dir": workdir.parent / "data_cache",
@@ -73,11 +73,11 @@ def assert_ok(result):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
-def test_resume_in_a_fresh_process_equals_an_uninterrupted_run(shared_data, tmp_path):
+def test_resume_in_a_fresh_process_equals_an_uninterrupted_run(fixtures, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert_ok(main(tiny_args(shared_data, straight, num_train_steps=10, checkpoint_every=5)))
-    assert_ok(main(tiny_args(shared_data, resumed, num_train_steps=5, checkpoint_every=5)))
-    assert_ok(main(tiny_args(shared_data, resumed, num_train_steps=10, checkpoint_every=5)))
+    assert_ok(main(tiny_args(fixtures, straight, num_train_steps=10, checkpoint_every=5)))
+    assert_ok(main(tiny_args(fixtures, resumed, num_train_steps=5, checkpoint_every=5)))
+    assert_ok(main(tiny_args(fixtures, resumed, num_train_steps=10, checkpoint_every=5)))
     a, b = final_params(straight, 10), final_params(resumed, 10)
     for x, y in zip(sorted(_leaves(a)), sorted(_leaves(b))):
         assert x[0] == y[0]
@@ -106,9 +106,9 @@ def wait_for(predicate, process, timeout=300):
     raise TimeoutError("condition not reached")
 
 
-def test_sigterm_saves_a_complete_checkpoint_and_exits_cleanly(shared_data, tmp_path):
+def test_sigterm_saves_a_complete_checkpoint_and_exits_cleanly(fixtures, tmp_path):
     workdir = tmp_path / "run"
-    process = start(tiny_args(shared_data, workdir, num_train_steps=100000,
+    process = start(tiny_args(fixtures, workdir, num_train_steps=100000,
                               checkpoint_every=100000))
     metrics = workdir / "metrics.jsonl"
     wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, process)
@@ -120,15 +120,15 @@ def test_sigterm_saves_a_complete_checkpoint_and_exits_cleanly(shared_data, tmp_
     step = ckpt.latest_step()
     ckpt.close()
     assert step is not None and step >= 3
-    result = main(tiny_args(shared_data, workdir, num_train_steps=step + 2, checkpoint_every=1000))
+    result = main(tiny_args(fixtures, workdir, num_train_steps=step + 2, checkpoint_every=1000))
     assert_ok(result)
     assert max(losses(workdir)) == step + 2
 
 
-def test_sigkill_during_a_save_resumes_from_the_previous_complete_checkpoint(shared_data, tmp_path):
+def test_sigkill_during_a_save_resumes_from_the_previous_complete_checkpoint(fixtures, tmp_path):
     workdir = tmp_path / "run"
     checkpoints = workdir / "checkpoints"
-    process = start(tiny_args(shared_data, workdir, num_train_steps=100000, checkpoint_every=2))
+    process = start(tiny_args(fixtures, workdir, num_train_steps=100000, checkpoint_every=2))
 
     def saving_after_a_complete_one():
         names = [p.name for p in checkpoints.iterdir()] if checkpoints.exists() else []
@@ -146,7 +146,7 @@ def test_sigkill_during_a_save_resumes_from_the_previous_complete_checkpoint(sha
     ckpt.close()
     assert latest == complete[-1]
     assert all(int(name.split(".")[0]) > latest for name in partial)
-    result = main(tiny_args(shared_data, workdir, num_train_steps=latest + 2, checkpoint_every=2))
+    result = main(tiny_args(fixtures, workdir, num_train_steps=latest + 2, checkpoint_every=2))
     assert_ok(result)
     steps = losses(workdir)
     assert max(steps) == latest + 2
@@ -178,24 +178,24 @@ def test_unknown_override_fails_at_once_with_close_keys(tmp_path, args, message)
     assert message in result.stderr
 
 
-def test_bad_workdir_and_batch_fail_with_clear_errors(shared_data, tmp_path):
+def test_bad_workdir_and_batch_fail_with_clear_errors(fixtures, tmp_path):
     missing_parent = tmp_path / "no" / "such" / "dir"
-    result = main(tiny_args(shared_data, missing_parent))
+    result = main(tiny_args(fixtures, missing_parent))
     assert result.returncode != 0 and "its parent" in result.stderr and "does not exist" in result.stderr
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    result = main(tiny_args(shared_data, a_file))
+    result = main(tiny_args(fixtures, a_file))
     assert result.returncode != 0 and "is not a directory" in result.stderr
-    result = main(tiny_args(shared_data, tmp_path / "w", **{"data.global_batch_size": 12}))
+    result = main(tiny_args(fixtures, tmp_path / "w", **{"data.global_batch_size": 12}))
     assert result.returncode != 0
     assert "not divisible by data-parallel size 8" in result.stderr
-    result = main(tiny_args(shared_data, tmp_path / "w", **{"mesh.data": 3}))
+    result = main(tiny_args(fixtures, tmp_path / "w", **{"mesh.data": 3}))
     assert result.returncode != 0 and "not divisible by 3" in result.stderr
 
 
-def test_checkpoint_of_another_model_shape_is_refused(shared_data, tmp_path):
+def test_checkpoint_of_another_model_shape_is_refused(fixtures, tmp_path):
     workdir = tmp_path / "run"
-    assert_ok(main(tiny_args(shared_data, workdir, num_train_steps=2, checkpoint_every=2)))
-    result = main(tiny_args(shared_data, workdir, num_train_steps=4, **{"model.mlp_dim": 48}))
+    assert_ok(main(tiny_args(fixtures, workdir, num_train_steps=2, checkpoint_every=2)))
+    result = main(tiny_args(fixtures, workdir, num_train_steps=4, **{"model.mlp_dim": 48}))
     assert result.returncode != 0
     assert "has shape (2, 64) but this model needs (2, 48)" in result.stderr

@@ -17,7 +17,6 @@ import fcntl
 import glob
 import hashlib
 import json
-import os
 import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -28,6 +27,7 @@ from tensorflow_datasets.core.utils import tqdm_utils
 
 from transformer.data import readers
 from transformer.data.sources import DataError, OnError, Report, handle
+from transformer.locations import cache_dir, missing_dataset
 
 # Bump when the stored features or parsing change, so old caches are not reused.
 BUILDER_REVISION = "1"
@@ -35,8 +35,7 @@ _TEXT = tfds.features.Text
 
 
 def default_cache_dir() -> pathlib.Path:
-    root = os.environ.get("TRANSFORMER_DATA_CACHE", "~/.cache/transformer/datasets")
-    return pathlib.Path(root).expanduser()
+    return cache_dir("datasets")
 
 
 def _feature_of(key: str, value: Any, where: str):
@@ -144,7 +143,7 @@ def _expand(files: str | pathlib.Path | Sequence[str | pathlib.Path]) -> list[st
             raise FileNotFoundError(f"no files match {pattern}")
         for m in matches:
             if not pathlib.Path(m).is_file():
-                raise FileNotFoundError(f"data file {m} does not exist")
+                raise missing_dataset(m)
             out.append(str(pathlib.Path(m).resolve()))
     return out
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from transformer.data.sources import DataError, OnError, Report, handle
+from transformer.locations import missing_dataset
 
 Line = tuple[int, str]  # (1-based line number, text without the line ending)
 
@@ -70,7 +71,7 @@ def read_records(
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; known: {sorted(FORMATS)}")
     if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
+        raise missing_dataset(path)
     grouping, parse = FORMATS[fmt]
     if fmt == "text":
         grouping = {"file": "file", "blank_line": "block", "line": "line"}[
