@@ -7,7 +7,7 @@ same batch (4 × 256 tokens of real text: Shakespeare, GPT-2 BPE), same optimize
 betas (0.9, 0.95), weight decay 0.1, clip 1.0), float32. Ours runs the project's jitted train step
 (the one `transformer.main` uses); theirs is GPT2LMHeadModel + torch.optim.AdamW. The two alternate
 in rounds so both see the same machine load; medians of the per-step times are reported. MFU is
-model FLOPs (6·N + 12·L·d·T per token, see transformer/train/flops.py) over the `jnp.dot` float32
+model FLOPs (the layer stack and the LM head, see transformer/train/flops.py) over the `jnp.dot` float32
 peak measured in the same run. The last line is JSON.
 """
 
