@@ -63,7 +63,7 @@ def main(argv: Sequence[str]) -> None:
     FLAGS = flags.FLAGS
     del argv
     enable_compilation_cache()
-    tokenizer, model = from_pretrained(FLAGS.checkpoint)
+    tokenizer, model = from_pretrained(FLAGS.checkpoint, quantize=FLAGS.quantize)
     if tokenizer is None:
         raise SystemExit(f"{FLAGS.checkpoint} has no tokenizer files; generation needs them")
     stop = None if FLAGS.stop_ids is None else [int(i) for i in FLAGS.stop_ids]
@@ -78,6 +78,8 @@ if __name__ == "__main__":
     from absl import app, flags
 
     flags.DEFINE_string("checkpoint", None, "our checkpoint directory or a Hugging Face folder")
+    flags.DEFINE_enum("quantize", None, ["int8", "int4"],
+                      "weight-only quantization of the loaded model (transformer.quantize)")
     flags.DEFINE_string("prompt", None, "the text to continue")
     flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate at most")
     flags.DEFINE_float("temperature", 0.0, "0 = greedy; otherwise sample from softmax(logits / T)")

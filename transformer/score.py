@@ -52,7 +52,7 @@ def main(argv: Sequence[str]) -> None:
     FLAGS = flags.FLAGS
     del argv
     enable_compilation_cache()
-    tokenizer, model = from_pretrained(FLAGS.checkpoint)
+    tokenizer, model = from_pretrained(FLAGS.checkpoint, quantize=FLAGS.quantize)
     if tokenizer is None:
         raise SystemExit(f"{FLAGS.checkpoint} has no tokenizer files; scoring text needs them")
     texts = read_texts(FLAGS.text, FLAGS.file)
@@ -64,6 +64,8 @@ if __name__ == "__main__":
     from absl import app, flags
 
     flags.DEFINE_string("checkpoint", None, "our checkpoint directory or a Hugging Face folder")
+    flags.DEFINE_enum("quantize", None, ["int8", "int4"],
+                      "weight-only quantization of the loaded model (transformer.quantize)")
     flags.DEFINE_multi_string("text", None, "a text to score (repeatable)")
     flags.DEFINE_string("file", None, "a file of texts to score, one a line")
     flags.DEFINE_integer("batch_size", 8, "texts per forward pass")
