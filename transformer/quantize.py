@@ -42,7 +42,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
-import qwix
 from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
@@ -79,6 +78,8 @@ class QuantizedParam(nnx.Param):
     """A weight held as {'qvalue': int, 'scale': float32}; `param[...]` is the float weight."""
 
     def __getitem__(self, key: Any) -> jax.Array:
+        import qwix  # Here, not at import: loading it takes a second or two.
+
         value = self.get_value()
         weight = qwix.dequantize(qwix.QArray(value["qvalue"], value["scale"]))
         return weight if key is Ellipsis else weight[key]
@@ -95,6 +96,8 @@ class QuantizedParam(nnx.Param):
 def quantize_array(weight: jax.Array, mode: str, contracted: tuple[int, ...]) -> dict[str, jax.Array]:
     """{'qvalue', 'scale'} of a float weight: a scale per output channel (int8) or per group of
     `INT4_GROUP` inputs and output channel (int4); `contracted` are the input axes (negative)."""
+    import qwix
+
     ndim = weight.ndim
     inputs = [ndim + a for a in contracted]
     tiled = {}
