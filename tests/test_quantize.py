@@ -130,7 +130,7 @@ def test_save_load_round_trip(trained_decoder, tmp_path):
     float_dir = model_io.save_model(tmp_path / "float", trained_decoder)
     _, from_float = from_pretrained(float_dir, quantize="int8")  # Quantized at load time.
     assert float(jnp.max(jnp.abs(from_float(ids).logits - expected))) == 0.0
-    with pytest.raises(ValueError, match="quantization"):  # Never silently as float.
+    with pytest.raises(ValueError, match="quantized weights, not float"):  # Never silently as float.
         model_io.load_model(directory)
     with pytest.raises(ValueError, match="saved quantized as int8"):
         from_pretrained(directory, quantize="int4")

@@ -117,7 +117,13 @@ def read_config(directory: str | os.PathLike) -> ModelConfig:
     path = paths.as_path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}: not a model checkpoint directory")
-    return ModelConfig.from_dict(json.loads(path.read_text()))
+    saved = json.loads(path.read_text())
+    if "quantization" in saved:  # Written by transformer.quantize.save_quantized.
+        raise ValueError(
+            f"{directory} holds {saved['quantization'].get('mode')} quantized weights, not float "
+            "ones: load it with transformer.from_pretrained (or --quantize on the command lines); "
+            "it cannot be trained from or loaded as a float model")
+    return ModelConfig.from_dict(saved)
 
 
 def checkpoint_shapes(directory: str | os.PathLike) -> dict[str, tuple[int, ...]]:

@@ -29,7 +29,7 @@ QArray"); and a tied embedding table is read by a gather and a product alike.
 
 A quantized checkpoint is our model checkpoint format with `{qvalue, scale}` pairs in `params/`
 and a "quantization" entry in model_config.json: `from_pretrained` loads it quantized, and the
-float loaders (`model_io.load_model`, `init_from`) refuse it (an unknown config field).
+float loaders (`model_io.load_model`, `init_from`) refuse it, naming the way to load it.
 """
 
 from __future__ import annotations
