@@ -3,6 +3,8 @@
 set -euo pipefail
 # shellcheck source=SCRIPTDIR/../common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
+# shellcheck source=SCRIPTDIR/xla_flags.sh
+source "$(dirname "${BASH_SOURCE[0]}")/xla_flags.sh"
 
 usage() {
   cat <<'USAGE'
@@ -15,16 +17,19 @@ Usage: launch/gpu/local.sh --workdir=DIR [options] -- TRAIN_ARGS
                     DIR/process_i.log; process 0 also to the terminal)
   --port=P          coordinator port for per-gpu (default: 12355)
   --python=PY       interpreter (default: python)
+  --no-xla-flags    leave XLA_FLAGS as it is (default: the flags of launch/gpu/xla_flags.txt
+                    first, then those already in XLA_FLAGS, which win; see docs/gpu.md)
   --dry-run         print the commands instead of running them
   -h, --help        this help
 USAGE
 }
 
-WORKDIR="" GPUS="" MODE="per-node" PORT=12355 PY=python
+WORKDIR="" GPUS="" MODE="per-node" PORT=12355 PY=python XLA=1
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
     --dry-run) DRY_RUN=1; shift ;;
+    --no-xla-flags) XLA=0; shift ;;
     --) shift; break ;;
     --workdir|--workdir=*) flag_value workdir "$@"; WORKDIR=$VALUE; shift "$SHIFT" ;;
     --gpus|--gpus=*) flag_value gpus "$@"; GPUS=$VALUE; shift "$SHIFT" ;;
@@ -48,9 +53,14 @@ if [[ -z "$GPUS" ]]; then
 fi
 [[ "$GPUS" =~ ^[1-9][0-9]*$ ]] || die "--gpus must be a positive number, got '$GPUS'"
 [[ -z "$visible" ]] || (( GPUS <= visible )) || die "--gpus=$GPUS but only $visible GPU(s) are visible"
+xla=()
+if [[ "$XLA" == 1 ]]; then
+  flags=$(gpu_xla_flags) || exit 2
+  xla=(XLA_FLAGS="$flags")
+fi
 
 if [[ "$MODE" == per-node ]]; then
-  run env CUDA_VISIBLE_DEVICES="$(seq -s, 0 $(( GPUS - 1 )))" \
+  run env CUDA_VISIBLE_DEVICES="$(seq -s, 0 $(( GPUS - 1 )))" "${xla[@]}" \
     "$PY" -m transformer.main --workdir="$WORKDIR" "$@"
   exit 0
 fi
@@ -59,7 +69,7 @@ pids=()
 trap 'kill "${pids[@]}" 2> /dev/null || true' EXIT
 for (( i = 0; i < GPUS; i++ )); do
   cmd=(env CUDA_VISIBLE_DEVICES="$i" JAX_COORDINATOR_ADDRESS="127.0.0.1:$PORT"
-       JAX_NUM_PROCESSES="$GPUS" JAX_PROCESS_ID="$i" "$PY" -m transformer.main
+       JAX_NUM_PROCESSES="$GPUS" JAX_PROCESS_ID="$i" "${xla[@]}" "$PY" -m transformer.main
        --workdir="$WORKDIR" "$@")
   if [[ "$DRY_RUN" == 1 ]]; then
     run "${cmd[@]}"

@@ -3,13 +3,16 @@
 set -euo pipefail
 # shellcheck source=SCRIPTDIR/../common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
+# shellcheck source=SCRIPTDIR/xla_flags.sh
+source "$(dirname "${BASH_SOURCE[0]}")/xla_flags.sh"
 
 usage() {
   cat <<'USAGE'
 Usage: launch/gpu/slurm.sh --nodes=N --workdir=DIR [options] -- TRAIN_ARGS
 
 Submits launch/gpu/train.sbatch, which runs `srun python -m transformer.main --workdir=DIR
-TRAIN_ARGS` on every task; jax.distributed.initialize() finds the peers from SLURM.
+TRAIN_ARGS` on every task; jax.distributed.initialize() finds the peers from SLURM. The job
+gets XLA_FLAGS from this environment (sbatch's default --export=ALL).
 
   --nodes=N             nodes (required)
   --workdir=DIR         checkpoints and metrics, on a filesystem every node shares (required)
@@ -19,16 +22,19 @@ TRAIN_ARGS` on every task; jax.distributed.initialize() finds the peers from SLU
   --account=A           SLURM account
   --time=T              time limit, e.g. 24:00:00
   --job-name=NAME       (default: transformer)
+  --no-xla-flags        leave XLA_FLAGS as it is (default: the flags of launch/gpu/xla_flags.txt
+                        first, then those already in XLA_FLAGS, which win; see docs/gpu.md)
   --dry-run             print the sbatch command (and the srun line the job runs)
   -h, --help            this help
 USAGE
 }
 
-NODES="" WORKDIR="" GPUS=8 MODE="per-gpu" PARTITION="" ACCOUNT="" TIME="" JOB="transformer"
+NODES="" WORKDIR="" GPUS=8 MODE="per-gpu" PARTITION="" ACCOUNT="" TIME="" JOB="transformer" XLA=1
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
     --dry-run) DRY_RUN=1; shift ;;
+    --no-xla-flags) XLA=0; shift ;;
     --) shift; break ;;
     --nodes|--nodes=*) flag_value nodes "$@"; NODES=$VALUE; shift "$SHIFT" ;;
     --workdir|--workdir=*) flag_value workdir "$@"; WORKDIR=$VALUE; shift "$SHIFT" ;;
@@ -57,6 +63,10 @@ args=(sbatch --job-name="$JOB" --nodes="$NODES" --ntasks-per-node="$tasks" --gpu
 [[ -z "$ACCOUNT" ]] || args+=(--account="$ACCOUNT")
 [[ -z "$TIME" ]] || args+=(--time="$TIME")
 args+=(--output="$WORKDIR/slurm-%j.out" "$SCRIPT" --workdir="$WORKDIR" "$@")
+if [[ "$XLA" == 1 ]]; then
+  flags=$(gpu_xla_flags) || exit 2
+  args=(env XLA_FLAGS="$flags" "${args[@]}")
+fi
 if [[ "$DRY_RUN" == 1 ]]; then
   run "${args[@]}"
   printf -v srun '%q ' srun --kill-on-bad-exit=1 python -m transformer.main --workdir="$WORKDIR" "$@"

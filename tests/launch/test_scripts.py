@@ -11,7 +11,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SCRIPTS = sorted((REPO / "launch").rglob("*.sh")) + sorted((REPO / "launch").rglob("*.sbatch"))
-EXECUTABLE = [p for p in SCRIPTS if p.name != "common.sh"]
+EXECUTABLE = [p for p in SCRIPTS if p.read_text().startswith("#!")]  # Not the sourced helpers.
 
 
 def run(script, *args, env=None):
@@ -116,11 +116,23 @@ def test_logs_and_delete():
          "--force", "--quiet"]]
 
 
+def gpu_xla_flags() -> str:
+    """The flags of launch/gpu/xla_flags.txt, as the GPU scripts put them in XLA_FLAGS."""
+    lines = (line.split("#", 1)[0].strip()
+             for line in (REPO / "launch/gpu/xla_flags.txt").read_text().splitlines())
+    return " ".join(line for line in lines if line)
+
+
+NO_XLA_FLAGS = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+
 def test_slurm_one_process_per_gpu_and_per_node():
     out = commands("gpu/slurm.sh", "--nodes=4", "--gpus-per-node=8", "--partition=a100",
-                   "--time=24:00:00", "--workdir=/shared/gpt2", "--", "--config=c.py")
+                   "--time=24:00:00", "--workdir=/shared/gpt2", "--", "--config=c.py",
+                   env=NO_XLA_FLAGS)
     assert out == [
-        ["sbatch", "--job-name=transformer", "--nodes=4", "--ntasks-per-node=8",
+        ["env", f"XLA_FLAGS={gpu_xla_flags()}",
+         "sbatch", "--job-name=transformer", "--nodes=4", "--ntasks-per-node=8",
          "--gpus-per-node=8", "--partition=a100", "--time=24:00:00",
          "--output=/shared/gpt2/slurm-%j.out", "launch/gpu/train.sbatch",
          "--workdir=/shared/gpt2", "--config=c.py"],
@@ -128,22 +140,36 @@ def test_slurm_one_process_per_gpu_and_per_node():
         "--workdir=/shared/gpt2 --config=c.py",
     ]
     per_node = commands("gpu/slurm.sh", "--nodes=2", "--mode=per-node", "--workdir=/w", "--",
-                        "--config=c.py")
+                        "--config=c.py", "--no-xla-flags")
     assert "--ntasks-per-node=1" in per_node[0] and per_node[1].startswith("# the job runs on 2 ")
+    plain = commands("gpu/slurm.sh", "--nodes=2", "--no-xla-flags", "--workdir=/w", "--", "x")
+    assert plain[0][0] == "sbatch"
     sbatch = (REPO / "launch/gpu/train.sbatch").read_text()
     assert 'srun --kill-on-bad-exit=1 "${PYTHON:-python}" -m transformer.main "$@"' in sbatch
 
 
 def test_local_gpus():
-    assert commands("gpu/local.sh", "--gpus=4", "--workdir=/tmp/w", "--", "--config=c.py") == [
-        ["env", "CUDA_VISIBLE_DEVICES=0,1,2,3", "python", "-m", "transformer.main",
+    flags = f"XLA_FLAGS={gpu_xla_flags()}"
+    assert commands("gpu/local.sh", "--gpus=4", "--workdir=/tmp/w", "--", "--config=c.py",
+                    env=NO_XLA_FLAGS) == [
+        ["env", "CUDA_VISIBLE_DEVICES=0,1,2,3", flags, "python", "-m", "transformer.main",
          "--workdir=/tmp/w", "--config=c.py"]]
     out = commands("gpu/local.sh", "--gpus=2", "--mode=per-gpu", "--port=9999",
-                   "--workdir=/tmp/w", "--", "--config=c.py")
+                   "--workdir=/tmp/w", "--", "--config=c.py", env=NO_XLA_FLAGS)
     assert out == [
         ["env", f"CUDA_VISIBLE_DEVICES={i}", "JAX_COORDINATOR_ADDRESS=127.0.0.1:9999",
-         "JAX_NUM_PROCESSES=2", f"JAX_PROCESS_ID={i}", "python", "-m", "transformer.main",
+         "JAX_NUM_PROCESSES=2", f"JAX_PROCESS_ID={i}", flags, "python", "-m", "transformer.main",
          "--workdir=/tmp/w", "--config=c.py"] for i in range(2)]
+
+
+def test_gpu_xla_flags_come_before_the_callers_and_can_be_left_out():
+    own = {**NO_XLA_FLAGS, "XLA_FLAGS": "--xla_dump_to=/tmp/dump"}
+    out = commands("gpu/local.sh", "--gpus=1", "--workdir=/w", "--", "x", env=own)
+    assert out[0][2] == f"XLA_FLAGS={gpu_xla_flags()} --xla_dump_to=/tmp/dump"
+    assert "--xla_gpu_enable_latency_hiding_scheduler=true" in gpu_xla_flags()
+    out = commands("gpu/local.sh", "--gpus=1", "--no-xla-flags", "--workdir=/w", "--", "x", env=own)
+    assert out == [["env", "CUDA_VISIBLE_DEVICES=0", "python", "-m", "transformer.main",
+                    "--workdir=/w", "x"]]
 
 
 @pytest.mark.parametrize("script, args, message", [
