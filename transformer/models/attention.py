@@ -62,7 +62,8 @@ def dot_product_attention(
     the KV-cache layout), K dividing H (grouped-query).
 
     `impl='einsum'` is the textbook computation (softmax in float32); `impl='xla'` calls
-    `jax.nn.dot_product_attention`, which selects cuDNN flash attention on GPUs. Attention
+    `jax.nn.dot_product_attention` with its default implementation, XLA's own fused attention
+    (cuDNN flash attention is `implementation='cudnn'`, compared in benchmarks/accelerator.py). Attention
     dropout and returning the weights need the explicit weights, so they use the einsum path.
     Returns the output [B,T,H,D] and the weights [B,H,T,S] (float32) when asked for.
     """
