@@ -10,6 +10,7 @@ FLOPs of the output it computes on top of the layer stack (for MFU).
   token_classification  a label per token (NER), later subwords and padding ignored (-100)
   qa                    extractive QA: start/end logits, SQuAD windows
   relation              relation classification from the two entity-start markers
+  distill_*             knowledge distillation from a frozen teacher (transformer/train/distill.py)
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ class Objective:
     # Forward FLOPs per token of what the model computes on top of its layer stack, for MFU:
     # (model config, config, sequence length) → FLOPs (see transformer/train/flops.py).
     head_flops: Callable[[ModelConfig, ml_collections.ConfigDict, int], float]
+    # Objectives that read a second, frozen model (distillation, transformer/train/distill.py):
+    # config → config after `init_from` (e.g. the student's architecture from the teacher's), and
+    # (config, mesh, rules) → the frozen model (`graphdef`, `params`, `shardings`,
+    # `init_student(params, params_sharding)`); its model reaches `loss` as `teacher=`.
+    resolve: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict] | None = None
+    teacher: Callable[..., Any] | None = None
 
 
 OBJECTIVES: dict[str, Objective] = {}
@@ -193,6 +200,9 @@ for _kind in ("classification", "token_classification", "qa", "relation"):
 # The metric that selects the best checkpoint, by task kind (the key the evaluator reports).
 BEST_METRIC = {"classification": "eval_accuracy", "token_classification": "eval_entity_f1",
                "qa": "eval_f1", "relation": "eval_macro_f1", "lm": "eval_loss"}
+
+
+from transformer.train import distill  # noqa: E402, F401  (registers the distill_* objectives)
 
 
 def best_metric(config: ml_collections.ConfigDict) -> tuple[str, str]:

@@ -20,16 +20,21 @@ from transformer.train.state import TrainState
 Batch = dict[str, jax.Array]
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict) -> Callable:
-    """(params, batch, dropout_rng) → (loss_sum, sums): the model on one (micro)batch, with the
-    loss of `config.objective`."""
+def make_loss_fn(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
+                 teacher_graphdef: nnx.GraphDef | None = None) -> Callable:
+    """(params, batch, dropout_rng[, teacher_params]) → (loss_sum, sums): the model on one
+    (micro)batch, with the loss of `config.objective`; a frozen teacher (distillation) gets no
+    gradient."""
     objective = get_objective(config.objective)
 
-    def loss_fn(params: Any, batch: Batch, dropout_rng: jax.Array | None):
+    def loss_fn(params: Any, batch: Batch, dropout_rng: jax.Array | None,
+                teacher_params: Any = None):
         batch = {k: sharding.constrain(v, _axes(objective.batch_axes, v.ndim))
                  for k, v in batch.items()}
         model = nnx.merge(graphdef, params)
-        sums = objective.loss(model, batch, dropout_rng, config)
+        frozen = {} if teacher_graphdef is None else {"teacher": nnx.merge(
+            teacher_graphdef, jax.lax.stop_gradient(teacher_params))}
+        sums = objective.loss(model, batch, dropout_rng, config, **frozen)
         return sums["loss_sum"], sums
 
     return loss_fn
@@ -56,30 +61,34 @@ def make_train_step(
     config: ml_collections.ConfigDict,
     state_shardings: TrainState,
     batch_sharding: NamedSharding,
+    teacher: Any = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """One optimizer step over `config.grad_accum_steps` microbatches, jitted with the state
     donated. A non-finite loss or gradient norm (a global check: every host agrees) skips the
-    update and is counted."""
-    loss_fn = make_loss_fn(graphdef, config)
+    update and is counted. A `teacher` (`Objective.teacher`: graphdef, params, shardings) runs in
+    the step, its parameters a sharded input of the jitted function."""
+    loss_fn = make_loss_fn(graphdef, config, teacher and teacher.graphdef)
     summarize = get_objective(config.objective).summarize
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     accum = config.grad_accum_steps
     use_dropout = config.model.dropout_rate > 0 or config.model.attention_dropout_rate > 0
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    def train_step(state: TrainState, batch: Batch, teacher_params: Any = None,
+                   ) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
         def microbatch(carry: Any, inputs: tuple[Batch, jax.Array]) -> tuple[Any, None]:
             mb, i = inputs
             (_, sums), grads = grad_fn(state.params, mb, jax.random.fold_in(rng, i) if use_dropout
-                                       else None)
+                                       else None, teacher_params)
             return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
         if accum == 1:
-            (_, sums), grads = grad_fn(state.params, batch, rng if use_dropout else None)
+            (_, sums), grads = grad_fn(state.params, batch, rng if use_dropout else None,
+                                       teacher_params)
         else:
             _, zero_sums = jax.eval_shape(loss_fn, state.params, jax.tree.map(
-                lambda x: x[: x.shape[0] // accum], batch), None)
+                lambda x: x[: x.shape[0] // accum], batch), None, teacher_params)
             zeros = (jax.tree.map(jnp.zeros_like, state.params),
                      jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_sums))
             (grads, sums), _ = jax.lax.scan(
@@ -112,12 +121,16 @@ def make_train_step(
         return new_state, metrics
 
     replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
-    return jax.jit(
-        train_step,
-        in_shardings=(state_shardings, batch_sharding),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=0,
-    )
+    if teacher is None:
+        return jax.jit(
+            train_step,
+            in_shardings=(state_shardings, batch_sharding),
+            out_shardings=(state_shardings, replicated),
+            donate_argnums=0,
+        )
+    jitted = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding, teacher.shardings),
+                     out_shardings=(state_shardings, replicated), donate_argnums=0)
+    return lambda state, batch: jitted(state, batch, teacher.params)
 
 
 def make_eval_step(

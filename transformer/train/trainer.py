@@ -48,6 +48,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     workdir = prepare_workdir(workdir)
     config = resolve_config(config)
     objective = objectives.get_objective(config.objective)
+    if objective.resolve is not None:  # E.g. distillation: the student from the teacher's layers.
+        config = objective.resolve(config)
     model_config = ModelConfig.from_dict(config.model.to_dict())
     rules = [tuple(r) for r in config.logical_axis_rules]
 
@@ -73,9 +75,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(
         objective.batch_axes, rules, (config.data.global_batch_size, seq_len), mesh))
 
+    # A frozen model the loss reads (a distillation teacher), restored into its shardings.
+    teacher = objective.teacher(config, mesh, rules) if objective.teacher is not None else None
+
     # --- Jitted steps. ----------------------------------------------------------------------
     train_step = train_step_lib.make_train_step(
-        graphdef, tx, schedule, config, shardings, batch_sharding)
+        graphdef, tx, schedule, config, shardings, batch_sharding, teacher)
     evaluator = objective.evaluator(config, tokenizer, graphdef, params_sharding, batch_sharding,
                                     workdir=workdir) if config.eval_every else None
 
@@ -96,6 +101,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             if config.init_from:
                 state = state.replace(params=load_pretrained_params(
                     config.init_from, state.params, shapes.params, params_sharding))
+            if teacher is not None:  # A student made of teacher layers starts from them.
+                state = state.replace(params=teacher.init_student(state.params, params_sharding))
     start_step = int(state.step)
     best = None
     if config.objective != "lm" and evaluator is not None:
