@@ -12,6 +12,11 @@ scored on the whole SST-2 dev set (872 sentences) by the best checkpoint of each
 speed: the jitted forward pass of the teacher and of the student, side by side in this process,
 on dev batches (median of --speed_repeats passes over --speed_batches batches).
 The last line printed is one JSON object with every figure.
+
+Measured on a shared 2-core CPU (seed 0, 1,000 training examples, max_length 64, batch 32, lr 1e-4;
+teacher 2 epochs = 62 steps; full dev set): teacher 79.93%. Students, 2 epochs: distilled 76.95%,
+control 76.61%; 4 epochs: distilled 78.10% (97.7% of the teacher), control 78.10%. Inference of
+the 3-layer student 1.96–1.99× the teacher's examples/s. (α 0.9, T 4, 4 epochs: 77.41%.)
 """
 
 from __future__ import annotations
@@ -135,6 +140,7 @@ def main() -> None:
     p.add_argument("--teacher_lr", type=float, default=None, help="default: the recipe's")
     p.add_argument("--student_lr", type=float, default=None, help="default: the recipe's")
     p.add_argument("--teacher", default="", help="a fine-tuned teacher (skip step 1)")
+    p.add_argument("--runs", default="distilled,control", help="the student runs to make")
     p.add_argument("--speed_batches", type=int, default=8)
     p.add_argument("--speed_repeats", type=int, default=5)
     p.add_argument("--workdir", default="/tmp/distill_benchmark")
@@ -167,7 +173,7 @@ def main() -> None:
         results["teacher"] = run(c, work / "teacher")
         teacher = str(work / "teacher" / "best")
         print("teacher", results["teacher"], flush=True)
-    for name in ("distilled", "control"):
+    for name in args.runs.split(","):
         c = configure(recipe("distill", "sst2" if name == "distilled" else "control"), args,
                       files, examples, work / "cache")
         c.distill.teacher = teacher
@@ -181,13 +187,15 @@ def main() -> None:
         results[name].update(alpha=c.distill.alpha, temperature=c.distill.temperature,
                              learning_rate=c.learning_rate, layers=c.distill.student_layers)
         print(name, results[name], flush=True)
-    results["speed"] = speed(teacher, str(work / "distilled" / "best"), str(files["validation"]),
-                             args)
+    student = work / ("distilled" if "distilled" in args.runs else "control") / "best"
+    results["speed"] = speed(teacher, str(student), str(files["validation"]), args)
     t = results.get("teacher", {}).get("best_eval_accuracy")
-    d, k = results["distilled"]["best_eval_accuracy"], results["control"]["best_eval_accuracy"]
-    if t:
+    d = results.get("distilled", {}).get("best_eval_accuracy")
+    k = results.get("control", {}).get("best_eval_accuracy")
+    if t and d:
         results["distilled_over_teacher"] = d / t
-    results["distilled_minus_control_points"] = 100 * (d - k)
+    if d and k:
+        results["distilled_minus_control_points"] = 100 * (d - k)
     print(json.dumps(results))
 
 
