@@ -28,6 +28,10 @@ from transformer.models import MODELS, Decoder, Encoder, ModelConfig
 from transformer.sharding import DEFAULT_RULES, Rules, state_shardings
 
 CONFIG_FILE = "model_config.json"
+# ModelConfig fields that say how to run a model, not what it is: a recipe keeps them when the
+# architecture comes from a checkpoint (`init_from`, a distillation teacher).
+RUNTIME_FIELDS = ("dropout_rate", "attention_dropout_rate", "attention_impl", "dtype",
+                  "scan_layers", "remat_policy")
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_PATTERNS = (

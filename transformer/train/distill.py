@@ -199,7 +199,6 @@ def student_layers(config: ml_collections.ConfigDict) -> tuple[int, ...]:
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """With `distill.student_layers`: the student is the teacher's architecture with that many
     layers (runtime fields as configured); data.tokenizer "" = the teacher's tokenizer/."""
-    from transformer.train.trainer import RUNTIME_FIELDS
 
     layers = student_layers(config)
     if not layers:
@@ -213,7 +212,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ValueError(f"distill.student_layers={config.distill.student_layers!r}: the teacher "
                          f"{directory} has layers 0..{teacher.num_layers - 1}")
     config = ml_collections.ConfigDict(config.to_dict())
-    runtime = {k: config.model[k] for k in RUNTIME_FIELDS}
+    runtime = {k: config.model[k] for k in model_io.RUNTIME_FIELDS}
     config.model = ml_collections.ConfigDict(
         {**teacher.to_dict(), **runtime, "num_layers": len(layers)})
     tokenizer = paths.as_path(directory) / model_io.TOKENIZER_DIR

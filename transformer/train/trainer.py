@@ -22,7 +22,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
-from transformer import paths, sharding
+from transformer import model_io, paths, sharding
 from transformer.data import pipeline
 from transformer.data.tokenizer import Tokenizer, load_tokenizer
 from transformer.models import ModelConfig
@@ -249,8 +249,6 @@ def get_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
     """Loads `data.tokenizer` (local or gs://); trains and caches it first when
     `tokenizer_training` says how."""
     if paths.is_remote(config.data.tokenizer):  # E.g. the tokenizer/ of a gs:// `init_from`.
-        from transformer import model_io
-
         return load_tokenizer(model_io.local_tokenizer_copy(config.data.tokenizer))
     path = pathlib.Path(config.data.tokenizer).expanduser()
     training = config.tokenizer_training
@@ -367,12 +365,6 @@ def stop_requested(flag: dict[str, bool], step: int, every: int) -> bool:
     return step % every == 0 and any_process_has(flag["stop"])
 
 
-# ModelConfig fields that say how to run a model, not what it is: the recipe keeps them when the
-# architecture comes from an `init_from` checkpoint.
-RUNTIME_FIELDS = ("dropout_rate", "attention_dropout_rate", "attention_impl", "dtype",
-                  "scan_layers", "remat_policy")
-
-
 def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A copy of `config` with `init_from` applied: the checkpoint's architecture (runtime fields
     kept) and, when data.tokenizer is "", the checkpoint's tokenizer."""
@@ -382,7 +374,7 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
     config = ml_collections.ConfigDict(config.to_dict())
     saved = model_io.read_config(config.init_from).to_dict()
-    runtime = {k: config.model[k] for k in RUNTIME_FIELDS}
+    runtime = {k: config.model[k] for k in model_io.RUNTIME_FIELDS}
     changed = [k for k, v in saved.items() if k not in runtime and config.model.get(k) != v]
     if changed:
         logging.info("init_from %s: its architecture replaces config.model (%s)",
