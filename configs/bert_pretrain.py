@@ -1,8 +1,12 @@
 """BERT pretraining: masked LM (15% of tokens; 80% [MASK], 10% random, 10% kept), post-LN encoder.
 
-    # A pod, on English Wikipedia (tfds build wikipedia/20230601.en --file_format=array_record):
+    # A TPU slice (base: v5litepod-8, large: v5litepod-16), on English Wikipedia
+    # (tfds build wikipedia/20230601.en --file_format=array_record):
     python -m transformer.main --config=configs/bert_pretrain.py:base --workdir=gs://bucket/bert \
         --config.data.data_dir=gs://bucket/tfds --config.data.tokenizer=/path/vocab.txt
+    # Check that it fits that slice's HBM (any machine, with libtpu; docs/scaling.md):
+    python -m transformer.aot --config=configs/bert_pretrain.py:base --topology=v5litepod-8
+    python -m transformer.aot --config=configs/bert_pretrain.py:large --topology=v5litepod-16
     # This laptop, on the bundled Shakespeare corpus:
     python -m transformer.main --config=configs/bert_pretrain.py:tiny --workdir=/tmp/bert-tiny
 
@@ -30,7 +34,12 @@ def get_config(arg: str = "base"):
     c.data.whole_word_masking = True
     c.data.max_length = 512
     c.data.global_batch_size = 256 if arg == "base" else 512
-    c.mesh.update({"data": -1, "fsdp": 1, "tensor": 1})  # Pure data parallelism fits BERT.
+    # base on v5litepod-8: data parallel, 2 microbatches of 16 rows per chip (13.7 of 16 GiB).
+    c.mesh.update({"data": -1, "fsdp": 1, "tensor": 1})
+    c.grad_accum_steps = 2
+    if arg == "large":  # v5litepod-16: the state sharded (FSDP), 8 microbatches of 4 rows (7.3 GiB).
+        c.mesh.update({"data": 1, "fsdp": -1, "tensor": 1})
+        c.grad_accum_steps = 8
     c.num_train_steps = 1_000_000
     c.learning_rate = 1e-4
     c.warmup_steps = 10_000
@@ -48,6 +57,7 @@ def get_config(arg: str = "base"):
         c.model.update(dict(max_length=128, dtype="float32", dropout_rate=0.0,
                             attention_dropout_rate=0.0))
         c.data.whole_word_masking = False
+        c.grad_accum_steps = 1
         c.num_train_steps, c.learning_rate, c.warmup_steps = 200, 1e-3, 20
         c.eval_every, c.eval_steps, c.checkpoint_every = 100, 8, 100
     return c

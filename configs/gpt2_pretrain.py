@@ -1,8 +1,12 @@
 """GPT-2 pretraining (causal LM, learned positions, tied head) on a TFDS corpus or local text.
 
-    # A pod, on C4 (prepare it once: tfds build c4/en --file_format=array_record --data_dir=gs://...):
+    # A v5p-64 (32 chips; every variant), on C4 (prepare it once:
+    # tfds build c4/en --file_format=array_record --data_dir=gs://...):
     python -m transformer.main --config=configs/gpt2_pretrain.py:small --workdir=gs://bucket/gpt2 \
         --config.data.data_dir=gs://bucket/tfds
+    # Check that it fits the slice's HBM (any machine, with libtpu; docs/scaling.md), for any
+    # of small/medium/large/xl:
+    python -m transformer.aot --config=configs/gpt2_pretrain.py:small --topology=v5p-64
     # This laptop, on the bundled Shakespeare corpus:
     python -m transformer.main --config=configs/gpt2_pretrain.py:tiny --workdir=/tmp/gpt2-tiny
 
@@ -33,6 +37,8 @@ def get_config(arg: str = "small"):
     c.data.global_batch_size = 512  # 0.5M tokens a step, as in the GPT-2 / nanoGPT recipes.
     c.data.objective = "causal"
     c.mesh.update({"data": -1, "fsdp": 8, "tensor": 1})  # FSDP within 8 chips, data across.
+    # xl on v5p-64: 2 microbatches of 8 rows per chip (60 of 95 GiB; 16 rows need 105 GiB).
+    c.grad_accum_steps = 2 if arg == "xl" else 1
     c.num_train_steps = 600_000 if arg in ("small", "medium") else 300_000
     c.learning_rate = {"small": 6e-4, "medium": 3e-4}.get(arg, 2e-4)
     c.warmup_steps = 2000

@@ -1,8 +1,11 @@
 """Llama pretraining (RoPE, RMSNorm, SwiGLU, grouped-query attention, untied head).
 
-    # A v5p pod on C4, Llama-7B with FSDP over 64 chips and 4-way tensor parallelism:
+    # A v5p-64 (32 chips) on C4, Llama-7B: FSDP over 8 × 4-way tensor parallelism, 8 microbatches:
     python -m transformer.main --config=configs/llama_pretrain.py:7b --workdir=gs://bucket/llama7b \
         --config.data.data_dir=gs://bucket/tfds --config.data.tokenizer=/path/tokenizer.model
+    # Check that it fits the slice's HBM (any machine, with libtpu; docs/scaling.md); 1b: v5p-32.
+    python -m transformer.aot --config=configs/llama_pretrain.py:7b --topology=v5p-64
+    python -m transformer.aot --config=configs/llama_pretrain.py:1b --topology=v5p-32
     # This laptop, on the bundled Shakespeare corpus:
     python -m transformer.main --config=configs/llama_pretrain.py:tiny --workdir=/tmp/llama-tiny
 
@@ -26,9 +29,12 @@ def get_config(arg: str = "7b"):
     c.data.tokenizer = "tokenizer.model"  # Set on the command line.
     c.data.max_length = 4096 if arg == "7b" else 2048
     c.data.global_batch_size = 1024 if arg == "7b" else 512  # 4M / 1M tokens a step.
+    # 7b on v5p-64: 8 microbatches of 16 rows per chip (59 of 95 GiB; 32 rows need 114 GiB).
+    c.grad_accum_steps = 8 if arg == "7b" else 1
     c.data.objective = "causal"
     c.data.add_eos = True
-    # 7B: parameters sharded over fsdp, 4-way tensor parallel within a host; 1B: FSDP only.
+    # 7B: parameters sharded over fsdp, 4-way tensor parallel within a host; 1B: FSDP only
+    # (1b on v5p-32: 32 rows per chip, one microbatch, 58 of 95 GiB).
     c.mesh.update({"data": 1, "fsdp": -1, "tensor": 4 if arg == "7b" else 1})
     c.num_train_steps = 500_000
     c.learning_rate = 3e-4

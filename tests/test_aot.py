@@ -1,8 +1,11 @@
 """`python -m transformer.aot`: topology names, the memory report of a real libtpu compile for
-v5e 2x2 (equal to the analytic parameter + AdamW bytes per device), the does-not-fit exit, and
-the message when libtpu is missing. The compiles run in subprocesses: libtpu's environment
-(TPU_ACCELERATOR_TYPE, ...) never reaches this CPU test process."""
+v5e 2x2 (equal to the analytic parameter + AdamW bytes per device), the does-not-fit exit, the
+message when libtpu is missing, and the search for the smallest change that fits (its logic on a
+stand-in compiler; a real batch too big for v5e 2x2, whose suggestion is compiled again). The
+compiles run in subprocesses: libtpu's environment (TPU_ACCELERATOR_TYPE, ...) never reaches this
+CPU test process."""
 
+import copy
 import importlib.util
 import json
 import os
@@ -13,7 +16,8 @@ import sys
 import pytest
 
 from transformer import aot
-from transformer.aot_memory import parse_topology
+from transformer.aot_memory import GIB, parse_topology
+from transformer.aot_search import Search, format_overrides
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -96,3 +100,116 @@ def test_does_not_fit_exits_1():
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     assert "does not fit" in result.stdout
     assert json.loads(result.stdout.strip().splitlines()[-1])["fits"] is False
+
+
+# -- the search for a change that fits ------------------------------------------------------------
+
+def fake_measure(config, gib_per_row, state_gib, hbm_gib=16):
+    """A stand-in compiler: the peak is the state (sharded over fsdp) + a cost per row a device
+    holds at a time (less with a stronger remat policy)."""
+    remat_share = {"none": 1.0, "dots": 0.6, "dots_no_batch": 0.5, "full": 0.3}
+    calls = []
+
+    def measure(overrides):
+        calls.append(overrides)
+        c = copy.deepcopy(config)
+        aot.apply_overrides(c, format_overrides(overrides))
+        shards = 4 if c.mesh.fsdp == -1 else c.mesh.fsdp
+        data_parallel = 4 if c.mesh.data == -1 else c.mesh.data * shards
+        if c.data.global_batch_size % (data_parallel * c.grad_accum_steps):
+            return None
+        rows = c.data.global_batch_size // data_parallel // c.grad_accum_steps
+        state = state_gib / shards * GIB
+        peak = state + rows * gib_per_row * remat_share[c.model.remat_policy] * GIB
+        return {"rows_per_device": rows, "total_bytes": peak, "fits": peak <= hbm_gib * GIB,
+                "params_bytes": state / 3, "optimizer_bytes": 2 * state / 3, "batch_bytes": 0,
+                "hbm_bytes": hbm_gib * GIB, "global_batch_size": c.data.global_batch_size}
+
+    return measure, calls
+
+
+def tiny_config(**fields):
+    from transformer.train.config import base_config
+
+    config = base_config("llama-tiny")
+    config.data.global_batch_size = 256
+    config.mesh.update({"data": 1, "fsdp": -1, "tensor": 1})
+    aot.apply_overrides(config, [f"--config.{k}={v}" for k, v in fields.items()])
+    return config
+
+
+def test_search_finds_the_fewest_microbatches_that_fit():
+    config = tiny_config()  # 64 rows per device; 0.5 GiB a row: 16 rows fit 16 GiB, 32 do not.
+    measure, calls = fake_measure(config, gib_per_row=0.5, state_gib=4)
+    search = Search(config, measure({}), measure, log=lambda line: None)
+    suggestion = search.run()
+    assert suggestion["overrides"] == ["--config.grad_accum_steps=4"]
+    assert not suggestion["changes_training"]
+    tried = {tuple(t["overrides"]): t["fits"] for t in search.tried}
+    assert tried[("--config.grad_accum_steps=2",)] is False  # Checked: 4 is the fewest.
+    assert len(search.tried) <= 3
+
+
+def test_search_tries_remat_once_accumulation_runs_out():
+    # 2 rows per device at 10 GiB a row without remat: one row does not fit, full remat does.
+    config = tiny_config(**{"data.global_batch_size": 8, "model.remat_policy": "none"})
+    measure, _ = fake_measure(config, gib_per_row=20, state_gib=2)
+    search = Search(config, measure({}), measure, log=lambda line: None)
+    suggestion = search.run()
+    assert suggestion["overrides"][0] == "--config.model.remat_policy=dots"
+    assert suggestion["fits"] and len(search.tried) <= 8
+
+
+def test_search_shards_a_state_that_does_not_fit_over_fsdp():
+    # 40 GiB of state replicated over 4 data-parallel chips: only more FSDP helps.
+    config = tiny_config(**{"mesh.data": -1, "mesh.fsdp": 1})
+    measure, _ = fake_measure(config, gib_per_row=0.01, state_gib=40)
+    search = Search(config, measure({}), measure, log=lambda line: None)
+    suggestion = search.run()
+    assert suggestion["overrides"] == ["--config.mesh.data=1", "--config.mesh.fsdp=-1"]
+    assert not any("grad_accum" in " ".join(t["overrides"]) for t in search.tried)
+
+
+def test_search_stays_within_its_compile_budget():
+    config = tiny_config()
+    measure, calls = fake_measure(config, gib_per_row=100, state_gib=400)  # Nothing fits.
+    search = Search(config, measure({}), measure, max_compiles=3, log=lambda line: None)
+    assert search.run() is None
+    assert len(search.tried) <= 3 and len(calls) <= 4
+
+
+# A one-layer Llama whose 1M-entry vocabulary makes 4 rows of 1024 tokens per chip too big for
+# v5e's 16 GiB (the float32 logits), though the model is small: a fast compile either way.
+CI_CASE = ["--preset=llama-tiny", "--config.model.hidden_size=128", "--config.model.num_layers=1",
+           "--config.model.num_heads=1", "--config.model.num_kv_heads=1",
+           "--config.model.mlp_dim=256", "--config.model.vocab_size=1048576",
+           "--config.data.max_length=1024", "--per_device_batch=4", "--topology=v5e:2x2"]
+
+
+@needs_libtpu
+def test_a_batch_too_big_gets_a_suggestion_that_fits():
+    result = run_aot(*CI_CASE, "--json")
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "does not fit" in result.stdout and "suggestion: --config." in result.stdout
+    suggestion = json.loads(result.stdout.strip().splitlines()[-1])["suggestion"]
+    assert suggestion["fits"] and suggestion["overrides"]
+    again = run_aot(*CI_CASE, *suggestion["overrides"], "--json")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    report = json.loads(again.stdout.strip().splitlines()[-1])
+    assert report["fits"] and "suggestion" not in report
+    assert report["total_bytes"] == suggestion["peak_bytes"]
+
+
+def test_each_pretraining_recipe_names_its_slice_and_scaling_md_has_its_measured_peak():
+    # The fit of each documented command is measured by `transformer.aot` (minutes a compile);
+    # this checks that the recipes name their check and that docs/scaling.md records its result.
+    import re
+
+    table = (REPO / "docs" / "scaling.md").read_text()
+    for recipe in ("bert_pretrain", "gpt2_pretrain", "llama_pretrain"):
+        text = (REPO / "configs" / f"{recipe}.py").read_text()
+        commands = re.findall(r"python -m transformer\.aot (--config=\S+ --topology=\S+)", text)
+        assert commands, f"configs/{recipe}.py names no `transformer.aot` check"
+        for command in commands:
+            row = next((line for line in table.splitlines() if f"`{command}`" in line), None)
+            assert row is not None and row.rstrip().endswith("| yes |"), (recipe, command)

@@ -6,7 +6,10 @@
 
 Builds the abstract train state and batch with the shardings the trainer would use on that
 topology's devices and the recipe's mesh, lowers and compiles the train step with libtpu, and
-prints per-device memory against the chip's HBM. Exits 1 when it does not fit, 2 on bad usage.
+prints per-device memory against the chip's HBM. When it does not fit, it compiles candidate
+changes (transformer.aot_search: more gradient accumulation, stronger remat, more FSDP, a smaller
+batch) and prints the smallest that fits as `--config.x=y` overrides. Exits 1 when the config as
+given does not fit, 2 on bad usage.
 Needs libtpu (`pip install libtpu==0.0.42.1`, the version jax 0.10.2 pins); no TPU is needed.
 """
 
@@ -14,14 +17,24 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import importlib.util
 import json
 import os
+import re
 import sys
 import time
 from typing import Any
 
-from transformer.aot_memory import Topology, format_report, memory_report, parse_topology
+from transformer.aot_memory import (
+    GIB,
+    Topology,
+    format_report,
+    memory_report,
+    parse_topology,
+    per_device_bytes,
+)
+from transformer.aot_search import Search, format_overrides
 
 LIBTPU_INSTALL = "pip install libtpu==0.0.42.1"
 # Presets beyond transformer.models.PRESETS, shaped like published models, for capacity planning.
@@ -76,8 +89,8 @@ def preset_config(name: str) -> Any:
     return config
 
 
-def compile_train_step(config: Any, devices: list[Any]) -> tuple[Any, Any, Any, Any]:
-    """(compiled step, mesh, abstract state, abstract batch) for `config` on `devices`."""
+def lower_train_step(config: Any, devices: list[Any]) -> tuple[Any, Any, Any, Any]:
+    """(lowered step, mesh, abstract state, abstract batch) for `config` on `devices`."""
     import jax
     from flax import nnx
     from jax.sharding import NamedSharding
@@ -109,13 +122,34 @@ def compile_train_step(config: Any, devices: list[Any]) -> tuple[Any, Any, Any, 
     step = step_lib.make_train_step(graphdef, tx, schedule, config, shardings, batch_sharding)
     with sharding.use_mesh(mesh, rules):
         lowered = step.lower(abstract_state, batch)
+    return lowered, mesh, abstract_state, batch
+
+
+# The TPU compiler's refusal names what it needed: "... HLO temporaries (280.03G) exceeds ...".
+_OOM_NEED = re.compile(r"HLO temporaries \(([0-9.]+)([KMGT])\)")
+
+
+def compile_lowered(lowered: Any) -> Any:
     try:
-        compiled = lowered.compile()
+        return lowered.compile()
     except Exception as error:  # XlaRuntimeError; its type moves between jax versions.
         if "RESOURCE_EXHAUSTED" in str(error) or "HbmOom" in str(error):
             raise DoesNotFit(str(error).strip().splitlines()[0][:600]) from error
         raise
-    return compiled, mesh, abstract_state, batch
+
+
+def compile_train_step(config: Any, devices: list[Any]) -> tuple[Any, Any, Any, Any]:
+    """(compiled step, mesh, abstract state, abstract batch) for `config` on `devices`."""
+    lowered, mesh, abstract_state, batch = lower_train_step(config, devices)
+    return compile_lowered(lowered), mesh, abstract_state, batch
+
+
+def oom_temporaries(message: str) -> int | None:
+    """Bytes of temporaries the compiler asked for in a does-not-fit message (None: not said)."""
+    match = _OOM_NEED.search(message)
+    if not match:
+        return None
+    return int(float(match.group(1)) * 1024 ** ("KMGT".index(match.group(2)) + 1))
 
 
 def apply_overrides(config: Any, overrides: list[str]) -> None:
@@ -140,7 +174,8 @@ def apply_overrides(config: Any, overrides: list[str]) -> None:
 def run(config: Any, topology: Topology, num_slices: int = 1,
         per_device_batch: int = 0) -> dict[str, Any]:
     """Compiles and measures; the report dict (also when the compiler says it does not fit).
-    `per_device_batch` > 0 sets the global batch to that many rows per data-parallel device."""
+    `per_device_batch` > 0 sets the global batch to that many rows per data-parallel device.
+    A config the trainer would refuse (a batch that does not split) raises ValueError."""
     from transformer import sharding
     from transformer.models import ModelConfig, count_params
 
@@ -153,18 +188,52 @@ def run(config: Any, topology: Topology, num_slices: int = 1,
         "num_slices": num_slices, "devices": len(devices),
         "params": count_params(ModelConfig.from_dict(config.model.to_dict())),
         "global_batch_size": config.data.global_batch_size, "seq_len": config.data.max_length,
+        "grad_accum_steps": config.grad_accum_steps, "remat_policy": config.model.remat_policy,
     }
     start = time.perf_counter()
-    try:
-        compiled, mesh, abstract_state, batch = compile_train_step(config, devices)
-    except DoesNotFit as error:
-        result.update(fits=False, error=str(error), hbm_bytes=topology.hbm_bytes)
-        return result
+    lowered, mesh, abstract_state, batch = lower_train_step(config, devices)
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     result["mesh"] = dict(mesh.shape)
+    # Rows of data.max_length tokens that one device holds at a time (one microbatch).
+    result["rows_per_device"] = (config.data.global_batch_size // data_parallel
+                                 // config.grad_accum_steps)
+    state = {"params_bytes": per_device_bytes(abstract_state.params),
+             "optimizer_bytes": per_device_bytes(abstract_state.opt_state),
+             "batch_bytes": per_device_bytes(batch)}
+    try:
+        compiled = compile_lowered(lowered)
+    except DoesNotFit as error:
+        result.update(fits=False, error=str(error), hbm_bytes=topology.hbm_bytes, **state,
+                      compile_s=round(time.perf_counter() - start, 1))
+        if (temporaries := oom_temporaries(str(error))) is not None:
+            result["required_bytes"] = temporaries + sum(state.values())
+        return result
     result["compile_s"] = round(time.perf_counter() - start, 1)
     result.update(memory_report(compiled.memory_analysis(), abstract_state, batch,
                                 topology.hbm_bytes))
     return result
+
+
+def suggest(config: Any, topology: Topology, report: dict[str, Any], num_slices: int = 1,
+            max_compiles: int = 8, log: Any = print) -> tuple[dict[str, Any] | None, list]:
+    """The smallest change that fits (transformer.aot_search), each candidate compiled; returns
+    (suggestion or None, every compile tried)."""
+    def measure(overrides: dict[str, Any]) -> dict[str, Any] | None:
+        candidate = copy.deepcopy(config)
+        apply_overrides(candidate, format_overrides(overrides))
+        try:
+            return run(candidate, topology, num_slices)
+        except ValueError:  # The batch does not split over the devices × microbatches.
+            return None
+
+    search = Search(config, report, measure, max_compiles=max_compiles, log=log)
+    return search.run(), search.tried
+
+
+def _describe(report: dict[str, Any]) -> str:
+    return (f"{report['global_batch_size']} × {report['seq_len']} in {report['grad_accum_steps']} "
+            f"microbatch(es), {report['rows_per_device']} rows per device at a time, remat "
+            f"{report['remat_policy']}, mesh {report['mesh']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,7 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_slices", type=int, default=1, help="multislice: slices over DCN")
     parser.add_argument("--per_device_batch", type=int, default=0,
                         help="set data.global_batch_size to this × the data-parallel devices")
+    parser.add_argument("--search_compiles", type=int, default=8,
+                        help="when it does not fit: compile at most this many candidate changes "
+                             "to find the smallest that fits (0 = no search)")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of results")
+    argv = sys.argv[1:] if argv is None else argv
     args, rest = parser.parse_known_args(argv)
     if bad := [a for a in rest if not a.startswith("--config.")]:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
@@ -201,16 +274,43 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     name = args.preset or args.config
     print(f"{name}: {result['params'] / 1e6:.1f}M parameters, batch {result['global_batch_size']} × "
           f"{result['seq_len']}, on {topology.accelerator_type} ({topology.name}, "
           f"{result['devices']} devices" + (f", {args.num_slices} slices" if args.num_slices > 1
                                             else "") + ")")
+    print(f"  {_describe(result)}; compiled in {result['compile_s']} s")
     if "error" in result:
         print(f"  does not fit: the compiler ran out of HBM: {result['error']}")
     else:
-        print(f"  mesh {result['mesh']}; compiled in {result['compile_s']} s")
         print(format_report(result))
+    if not result["fits"] and args.search_compiles > 0:
+        print(f"  searching for the smallest change that fits (at most {args.search_compiles} "
+              "compiles):", flush=True)
+        log = lambda line: print(line, flush=True)
+        suggestion, tried = suggest(config, topology, result, args.num_slices,
+                                    args.search_compiles, log)
+        result["search"] = tried
+        if suggestion is None:
+            print(f"  no change found within {len(tried)} compiles: the state alone may not fit "
+                  "this slice; try a larger topology, or more --search_compiles")
+        else:
+            found = suggestion.pop("report")
+            peak = suggestion["peak_bytes"]
+            overrides = " ".join(suggestion["overrides"])
+            print(f"  suggestion: {overrides}")
+            print(f"    {_describe(found)}: peak {peak / GIB:.2f} GiB of "
+                  f"{suggestion['hbm_bytes'] / GIB:.0f} GiB ({peak / suggestion['hbm_bytes']:.0%})"
+                  ": fits" + ("; this changes the global batch: re-tune the learning rate"
+                              if suggestion["changes_training"] else ""))
+            replaced = tuple(o.split("=")[0] + "=" for o in suggestion["overrides"])
+            keep = [a for a in argv if not a.startswith(replaced) and not (
+                suggestion["changes_training"] and a.startswith("--per_device_batch"))]
+            print(f"    python -m transformer.aot {' '.join(keep)} {overrides}")
+            result["suggestion"] = suggestion
     if args.json:
         print(json.dumps(result))
     return 0 if result["fits"] else 1
