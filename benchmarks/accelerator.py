@@ -131,6 +131,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
+from benchmarks.timing import median_time  # noqa: E402
 from transformer import sharding  # noqa: E402
 from transformer.inference import SamplingConfig, generate  # noqa: E402
 from transformer.models import (  # noqa: E402
@@ -186,15 +187,6 @@ def rel_error(a, b, rows=None) -> float:
     if rows is not None:
         a, b = a[rows], b[rows]
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def segments(batch: int, length: int) -> dict[str, np.ndarray]:

@@ -21,10 +21,8 @@ import gzip
 import json
 import os
 import pathlib
-import statistics
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers must never reach the network.
@@ -36,10 +34,12 @@ import numpy as np  # noqa: E402
 import tqdm  # noqa: E402
 
 import transformer  # noqa: E402
+from benchmarks.timing import median_time  # noqa: E402
+from transformer import locations  # noqa: E402
 from transformer.inference import SamplingConfig, generate  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
+DATA = locations.data_dir()  # $TRANSFORMER_DATA (docs/data.md)
 PROMPT = 32
 
 
@@ -47,15 +47,6 @@ def prompts(tokenizer, batch: int) -> np.ndarray:
     with gzip.open(REPO / "data" / "shakespeare" / "validation.txt.gz", "rt") as f:
         ids = np.asarray(tokenizer.encode(f.read(200_000)), np.int32)
     return ids[: batch * PROMPT].reshape(batch, PROMPT)
-
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def dense_products(model, batch: int, tokens: int = 32) -> float:
@@ -101,7 +92,7 @@ def main() -> None:
     folder = pathlib.Path(tempfile.mkdtemp()) / "gpt2"
     reference.save_pretrained(folder, safe_serialization=True)
     for name in ("encoder.json", "vocab.bpe"):
-        (folder / name).write_bytes((SHARED / "tokenizers" / name).read_bytes())
+        (folder / name).write_bytes((DATA / "tokenizers" / name).read_bytes())
     tokenizer, model = transformer.from_pretrained(folder)
 
     result = {"new_tokens": args.new_tokens, "prompt_tokens": PROMPT}

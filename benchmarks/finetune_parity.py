@@ -30,9 +30,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers must never reach the network.
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-DATA = REPO.parent / "shared" / "data"
 
 import numpy as np  # noqa: E402
+
+from transformer import locations  # noqa: E402
+
+DATA = locations.data_dir()  # $TRANSFORMER_DATA (docs/data.md)
 
 # task: (recipe, variant, train size, eval size, epochs, batch, max_length, learning rate)
 TASKS = {

@@ -2,7 +2,7 @@
 
     python benchmarks/input_pipeline.py [--worker_count=N] [--max_length=512] [--batch_size=32]
 
-Reads the Shakespeare corpus (../shared/data/lm/shakespeare.txt.gz, one document per blank-line
+Reads the Shakespeare corpus ($TRANSFORMER_DATA/lm/shakespeare.txt.gz, one document per blank-line
 block) with GPT-2 byte-level BPE, one epoch per variant, and prints a JSON line at the end.
 Tokens counted are row slots (batch × length), padding included; `real_tokens_per_s` excludes it.
 GPT-2 has no mask token: the masked-LM variant uses the first id past the vocabulary (a row of
@@ -22,10 +22,11 @@ from tqdm import tqdm
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
+from transformer import locations  # noqa: E402
 from transformer.data import pipeline  # noqa: E402
 from transformer.data.tokenizer import load_tokenizer  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data"
+DATA = locations.data_dir()  # $TRANSFORMER_DATA (docs/data.md)
 
 
 def run(config, tokenizer, name: str) -> dict:

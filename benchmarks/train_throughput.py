@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import tqdm  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
-from transformer import sharding  # noqa: E402
+from transformer import locations, sharding  # noqa: E402
 from transformer.data.hf_tokenizers import gpt2_tokenizer  # noqa: E402
 from transformer.models import ModelConfig  # noqa: E402
 from transformer.train import flops, optimizer, trainer  # noqa: E402
@@ -40,12 +40,12 @@ from transformer.train import step as step_lib  # noqa: E402
 from transformer.train.config import base_config  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
+DATA = locations.data_dir()  # $TRANSFORMER_DATA (docs/data.md)
 BATCH, LENGTH, LR = 4, 256, 3e-4
 
 
 def real_batches(count: int) -> list[np.ndarray]:
-    files = SHARED / "tokenizers"
+    files = DATA / "tokenizers"
     tokenizer = gpt2_tokenizer(files / "encoder.json", files / "vocab.bpe")
     with gzip.open(REPO / "data" / "shakespeare" / "train.txt.gz", "rt") as f:
         text = f.read(2_000_000)
