@@ -121,15 +121,11 @@ def make_train_step(
         return new_state, metrics
 
     replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
-    if teacher is None:
-        return jax.jit(
-            train_step,
-            in_shardings=(state_shardings, batch_sharding),
-            out_shardings=(state_shardings, replicated),
-            donate_argnums=0,
-        )
-    jitted = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding, teacher.shardings),
+    frozen = () if teacher is None else (teacher.shardings,)
+    jitted = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding, *frozen),
                      out_shardings=(state_shardings, replicated), donate_argnums=0)
+    if teacher is None:
+        return jitted
     return lambda state, batch: jitted(state, batch, teacher.params)
 
 
