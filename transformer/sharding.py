@@ -50,6 +50,16 @@ _active_rules: contextvars.ContextVar[dict[str, tuple[str, ...]] | None] = conte
 )
 
 
+def data_parallel_size(shape: Mapping[str, int], device_count: int | None = None) -> int:
+    """Devices the batch is split over (data × fsdp) in the mesh `shape` (-1 resolved as in
+    `make_mesh`)."""
+    count = jax.device_count() if device_count is None else device_count
+    sizes = {a: shape.get(a, 1) for a in MESH_AXES}
+    known = math.prod(v for v in sizes.values() if v != -1)
+    sizes = {a: (count // max(known, 1) if v == -1 else v) for a, v in sizes.items()}
+    return sizes["data"] * sizes["fsdp"]
+
+
 def make_mesh(
     shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None
 ) -> Mesh:

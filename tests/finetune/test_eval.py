@@ -127,3 +127,41 @@ def test_a_relation_sentence_without_a_marker_names_file_and_line(slices, cache_
     config = slice_config("relation", "ci", files, cache_dir)
     with pytest.raises(sources.DataError, match=rf"{bad}:{line + 1}: expected one </e2>"):
         evaluator(config, tokenizer)
+
+
+@pytest.mark.parametrize("task, recipe, variant, count", [
+    ("sst2", "glue", "sst2,ci", 19), ("wnut17", "ner", "ci", 13),
+    ("semeval", "relation", "ci", 13)])
+def test_packed_evaluation_gives_the_padded_metrics(slices, cache_dir, tokenizer, task, recipe,
+                                                    variant, count):
+    """The same model scored on packed and on padded batches: identical metrics, every example."""
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from transformer import sharding
+    from transformer.models import ModelConfig
+    from transformer.models.heads import TaskModel
+    from transformer.train import objectives
+
+    results = []
+    for pack in (True, False):
+        config = slice_config(recipe, variant, slices[task], cache_dir)
+        config.data.pack_examples = pack
+        config.data.max_length = 128  # Rows long enough for several examples each.
+        config.mesh = {"data": 1, "fsdp": 1, "tensor": -1}  # Rows split over one device.
+        model = TaskModel(ModelConfig.from_dict(config.model.to_dict()),
+                          objectives.head_config(config), rngs=nnx.Rngs(3))
+        graphdef, params = nnx.split(model)
+        mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+        replicated = NamedSharding(mesh, PartitionSpec())
+        ev = task_eval.TaskEvaluator(config, tokenizer, graphdef,
+                                     jax.tree.map(lambda _, r=replicated: r, params), replicated,
+                                     split=config.data.eval_split)
+        if pack:
+            packed_rows = {b["input_ids"].shape[0] for b in ev.device_batches}
+            assert len(packed_rows) == 1  # One compiled shape for the split.
+            assert packed_rows.pop() < len(ev.batches[0]["weights"])
+        results.append(ev(params, step=0))
+    assert results[0] == results[1]
+    assert results[0]["eval_examples"] == count

@@ -48,6 +48,11 @@ def test_recipe_tiny_variant_end_to_end(runs, name):
     counted = "eval_questions" if name == "squad" else "eval_examples"
     assert all(r[counted] == examples for r in evals)
     assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    # Rates count real tokens; packing leaves less padding, and compiles few shapes.
+    timed = [r for r in rows if "tokens_per_s" in r]
+    assert timed and all(0 < r["tokens_per_s"] <= r["slot_tokens_per_s"] for r in timed)
+    shapes = [r["compiled_shapes"] for r in rows if "compiled_shapes" in r]
+    assert 1 <= shapes[-1] <= (1 if name == "squad" else 8)
     record = json.loads((workdir / "best" / "best.json").read_text())
     assert record["metric"] == metric
     assert record["value"] == max(r[metric] for r in evals)

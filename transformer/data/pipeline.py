@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from grain.experimental import FlatMapIterDataset, FlatMapTransform, ThreadPrefetchIterDataset
 
-from transformer.data import local_builder, masking, packing, sources, tasks
+from transformer.data import local_builder, masking, packing, sources, task_packing, tasks
 from transformer.data.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -56,6 +56,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.doc_stride = 128  # QA: context tokens shared by consecutive windows
     c.max_query_length = 64  # QA: question tokens kept
     c.on_error = "raise"  # bad records: "raise" an error naming file and line, or "skip" + count
+    # fine-tuning: pack several examples per row, each its own segment (classification, token
+    # classification, relation; see task_packing). The examples per step are unchanged.
+    c.pack_examples = True
+    c.pack_row_multiple = 0  # packed rows grow in steps of this (0 = an eighth of the batch)
     # Order, batching and parallelism.
     c.global_batch_size = 32  # rows per step over all processes; each gets global / process_count
     c.seed = 0  # shuffling and masking seed
@@ -219,12 +223,16 @@ def create_task_dataset(
     tokenizer: Tokenizer | None = None,
     process_index: int = 0,
     process_count: int = 1,
+    pack_row_multiple: int | None = None,
 ) -> grain.IterDataset:
-    """Shuffled, repeated training batches of `config.task` (see `tasks` for the format)."""
+    """Shuffled, repeated training batches of `config.task` (see `tasks` for the format),
+    packed into rows (`task_packing`) in steps of `pack_row_multiple` rows when given."""
     pre = _preprocessor(config, tokenizer)
     ds = _records(config, split, process_index, process_count, True, pre.task.local_format)
     ds = FlatMapIterDataset(ds.map(pre).to_iter_dataset(), _Flatten())
     ds = ds.batch(per_process_batch(config, process_count), drop_remainder=True)
+    if pack_row_multiple:
+        ds = ds.map(functools.partial(task_packing.pack_task_batch, row_multiple=pack_row_multiple))
     return _finish(ds, config)
 
 

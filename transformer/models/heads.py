@@ -17,7 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from transformer.models.common import dropout, param, split_rng
 from transformer.models.config import ModelConfig
@@ -48,6 +48,46 @@ class HeadConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@struct.dataclass
+class Placement:
+    """Where the examples of a packed batch lie (`transformer.data.task_packing`): example i is
+    tokens starts[i] .. starts[i] + lengths[i] - 1 of row rows[i], segment segment_ids there."""
+
+    rows: jax.Array  # [examples]
+    starts: jax.Array  # [examples]
+    lengths: jax.Array  # [examples]
+    segment_ids: jax.Array  # [rows, length]
+
+    def first(self, x: jax.Array) -> jax.Array:
+        """The states [examples, hidden] of each example's first token."""
+        return x[self.rows, self.starts]
+
+    def pool(self, x: jax.Array, pooling: str, pooled: jax.Array | None) -> jax.Array:
+        if pooling == "pooler":
+            return pooled
+        if pooling == "cls":
+            return self.first(x)
+        if pooling == "last":
+            return x[self.rows, self.starts + jnp.maximum(self.lengths - 1, 0)]
+        segment = self.segment_ids[self.rows, self.starts]  # Mean over the example's segment.
+        member = (self.segment_ids[self.rows] == segment[:, None]) & (self.lengths[:, None] > 0)
+        m = member.astype(x.dtype)[..., None]
+        return (x[self.rows] * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+
+    def entities(self, x: jax.Array, entity_positions: jax.Array) -> jax.Array:
+        """The states [examples, 2, hidden] at the entity markers (positions within the example)."""
+        index = self.starts[:, None] + entity_positions.astype(jnp.int32)
+        return x[self.rows[:, None], index]
+
+    def unpack_tokens(self, values: jax.Array, length: int) -> jax.Array:
+        """Per-token values [rows, T, ...] → per example [examples, length, ...] (0 beyond it)."""
+        index = jnp.arange(length)
+        inside = index[None, :] < self.lengths[:, None]
+        gathered = values[self.rows[:, None], jnp.where(inside, self.starts[:, None] + index, 0)]
+        shape = inside.shape + (1,) * (values.ndim - 2)
+        return jnp.where(inside.reshape(shape), gathered, jnp.zeros_like(gathered))
 
 
 def _pool(out: ModelOutput, mask: jax.Array, pooling: str) -> jax.Array:
@@ -84,17 +124,26 @@ class Head(nnx.Module):
         mask: jax.Array,
         entity_positions: jax.Array | None = None,
         dropout_rng: jax.Array | None = None,
+        placement: Placement | None = None,
     ) -> dict[str, jax.Array]:
         kind = self.head_config.kind
         x = out.last_hidden_state
+        if kind == "qa" and placement is not None:
+            raise ValueError("extractive QA batches are not packed: its windows fill the row and "
+                             "its loss is a softmax over the window")
         if kind == "classification":
-            x = _pool(out, mask, self.head_config.pooling)
+            x = (_pool(out, mask, self.head_config.pooling) if placement is None else
+                 placement.pool(x, self.head_config.pooling, out.pooler_output))
         elif kind == "relation":
             if entity_positions is None:
                 raise ValueError("the relation head needs entity_positions [batch, 2]")
             # The states at the two entity-start markers, side by side (Baldini Soares et al.).
-            starts = jnp.take_along_axis(x, entity_positions[:, :, None].astype(jnp.int32), axis=1)
-            x = starts.reshape(x.shape[0], -1)
+            if placement is None:
+                starts = jnp.take_along_axis(
+                    x, entity_positions[:, :, None].astype(jnp.int32), axis=1)
+            else:
+                starts = placement.entities(x, entity_positions)
+            x = starts.reshape(starts.shape[0], -1)
         if kind != "qa":  # As BERT's fine-tuning heads: no dropout before the span classifier.
             x = dropout(x, self.rate, dropout_rng)
         logits = (x @ self.kernel[...].astype(x.dtype) + self.bias[...].astype(x.dtype))
@@ -123,14 +172,25 @@ class TaskModel(nnx.Module):
         *,
         entity_positions: jax.Array | None = None,
         dropout_rng: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        placement: Placement | None = None,
     ) -> dict[str, jax.Array]:
         """Logits of the head: {'logits'} ([batch, labels] or [batch, length, labels] for tokens),
-        or {'start_logits', 'end_logits'} ([batch, length]) for QA."""
+        or {'start_logits', 'end_logits'} ([batch, length]) for QA.
+
+        A packed batch (several examples per row) gives `placement`, the rows' `positions`, and
+        its segment ids as `attention_mask`; logits are then per example ([examples, labels]),
+        or per row token for token classification."""
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         if self.config.type_vocab_size == 0:
             token_type_ids = None  # Decoders (GPT-2, Llama) have no segment embeddings.
         backbone_rng, head_rng = split_rng(dropout_rng, 2)
+        packed = {} if placement is None else {"segment_ids": placement.segment_ids,
+                                               "positions": positions}
         out = self.backbone(input_ids, attention_mask, token_type_ids, dropout_rng=backbone_rng,
-                            compute_logits=False)
-        return self.head(out, attention_mask, entity_positions, head_rng)
+                            compute_logits=False, **packed)
+        if placement is not None and out.pooler_output is not None:
+            out = out.replace(pooler_output=self.backbone.pool(
+                placement.first(out.last_hidden_state)))
+        return self.head(out, attention_mask, entity_positions, head_rng, placement)

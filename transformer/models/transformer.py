@@ -75,7 +75,6 @@ class Encoder(nnx.Module):
         compute_logits: bool = True,
     ) -> ModelOutput:
         cfg = self.config
-        dtype = dtype_of(cfg.dtype)
         segments, positions = _segments_and_positions(
             input_ids, attention_mask, segment_ids, positions
         )
@@ -91,13 +90,15 @@ class Encoder(nnx.Module):
         )
         if cfg.final_norm:
             x = self.final_norm(x)
-        pooled = None
-        if cfg.pooler:
-            pooled = jnp.tanh(
-                x[:, 0] @ self.pooler[...].astype(dtype) + self.pooler_bias[...].astype(dtype)
-            )
+        pooled = self.pool(x[:, 0]) if cfg.pooler else None
         logits = self.mlm_logits(x) if compute_logits else None
         return ModelOutput(x, logits=logits, pooler_output=pooled, attentions=weights)
+
+    def pool(self, first_token_states: jax.Array) -> jax.Array:
+        """BERT's pooler: dense + tanh on the states of the sequences' first ([CLS]) tokens."""
+        dtype = dtype_of(self.config.dtype)
+        h = first_token_states.astype(dtype)
+        return jnp.tanh(h @ self.pooler[...].astype(dtype) + self.pooler_bias[...].astype(dtype))
 
     def mlm_logits(self, x: jax.Array) -> jax.Array:
         """Masked-LM logits (float32): transform (dense, activation, norm), then the output layer."""

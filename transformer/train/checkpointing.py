@@ -42,6 +42,7 @@ class Checkpointer:
             create=True,
         )
         self.directory = paths.as_path(directory)  # Local or gs:// (Orbax takes either).
+        self.save_every = save_every
         handlers = {
             "state": ocp.StandardCheckpointHandler(),
             "data": grain.checkpoint.CheckpointHandler(),
@@ -58,7 +59,12 @@ class Checkpointer:
     def save(
         self, step: int, state: Any, data_iterator: Any, config: dict[str, Any], *, force: bool = False
     ) -> bool:
-        """Starts saving (returns at once when async); False when `step` is not a save step."""
+        """Starts saving (returns at once when async); False when `step` is not a save step.
+
+        Only multiples of `save_every` (and forced steps) are saved: Orbax would also save the
+        first step it sees, a whole train state written while training has just begun."""
+        if not force and (self.save_every <= 0 or step % self.save_every):
+            return False
         items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(item=data_iterator)

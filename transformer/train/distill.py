@@ -331,6 +331,7 @@ def _builder(model_config, config):
 
 def _data(config, tokenizer, process_index, process_count):
     inner = inner_config(config)
+    inner.data.pack_examples = False  # Rows of one example: the hidden term is a mean per row.
     return objectives.get_objective(inner.objective).train_data(
         inner, tokenizer, process_index, process_count)
 

@@ -25,9 +25,10 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from transformer.data import pipeline, tasks
+from transformer import sharding
+from transformer.data import pipeline, task_packing, tasks
 from transformer.models import MODELS, ModelConfig
-from transformer.models.heads import HeadConfig, TaskModel
+from transformer.models.heads import HeadConfig, Placement, TaskModel
 from transformer.train import flops
 from transformer.train.losses import cross_entropy
 
@@ -142,9 +143,20 @@ def _task_builder(model_config: ModelConfig, config: ml_collections.ConfigDict) 
     return lambda rngs: TaskModel(model_config, head, rngs=rngs)
 
 
+def placement(batch: Batch) -> Placement:
+    """Where the examples of a packed batch lie."""
+    return Placement(batch["example_rows"], batch["example_starts"], batch["example_lengths"],
+                     batch["segment_ids"])
+
+
 def forward(model: TaskModel, batch: Batch, dropout_rng: jax.Array | None = None) -> dict:
-    return model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
-                 entity_positions=batch.get("entity_positions"), dropout_rng=dropout_rng)
+    """The task model on a padded or a packed batch (`transformer.data.task_packing`)."""
+    if not task_packing.is_packed(batch):
+        return model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+                     entity_positions=batch.get("entity_positions"), dropout_rng=dropout_rng)
+    return model(batch["input_ids"], batch["segment_ids"], batch.get("token_type_ids"),
+                 entity_positions=batch.get("entity_positions"), dropout_rng=dropout_rng,
+                 positions=batch["positions"], placement=placement(batch))
 
 
 def _task_loss(model, batch, dropout_rng, config):
@@ -158,7 +170,8 @@ def _task_loss(model, batch, dropout_rng, config):
                 "weight_sum": weights.sum()}
     labels = batch["labels"]
     if labels.ndim == 2:  # Tokens: only labelled positions of real examples are scored.
-        weights = weights[:, None] * (labels != tasks.IGNORE)
+        real = 1.0 if task_packing.is_packed(batch) else weights[:, None]  # Packed: no padding rows.
+        weights = real * (labels != tasks.IGNORE)
     labels = jnp.where(labels == tasks.IGNORE, 0, labels)
     sums = cross_entropy(out["logits"], labels, weights,
                          label_smoothing=config.label_smoothing)
@@ -170,6 +183,20 @@ def _task_summary(sums):
             "examples": sums["weight_sum"]}
 
 
+def pack_row_multiple(config: ml_collections.ConfigDict, process_count: int) -> int | None:
+    """Rows of a packed task batch grow in steps of this; None = batches are not packed.
+
+    Packing needs one process (each would pack its rows differently, and global arrays need one
+    shape everywhere) and no gradient accumulation (microbatches split rows, not examples)."""
+    if not config.data.pack_examples or task_of(config).kind not in task_packing.PACKABLE_KINDS:
+        return None
+    if process_count > 1 or config.grad_accum_steps > 1:
+        logging.info("examples are not packed: packing needs one process and grad_accum_steps=1")
+        return None
+    return config.data.pack_row_multiple or task_packing.default_row_multiple(
+        config.data.global_batch_size, sharding.data_parallel_size(config.mesh.to_dict()))
+
+
 def _task_data(config, tokenizer, process_index, process_count):
     from transformer.train import task_eval
 
@@ -177,7 +204,8 @@ def _task_data(config, tokenizer, process_index, process_count):
     task_eval.log_build_report(config.data, config.data.train_split, task.local_format)
     return iter(pipeline.create_task_dataset(
         config.data, config.data.train_split, tokenizer=tokenizer,
-        process_index=process_index, process_count=process_count))
+        process_index=process_index, process_count=process_count,
+        pack_row_multiple=pack_row_multiple(config, process_count)))
 
 
 def _task_evaluator(config, tokenizer, graphdef, params_sharding, batch_sharding, *,

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from transformer import metrics as metrics_lib
 from transformer import paths
-from transformer.data import local_builder, pipeline, sources, tasks
+from transformer.data import local_builder, pipeline, sources, task_packing, tasks
 from transformer.train import objectives, trainer
 
 
@@ -82,16 +82,28 @@ class TaskEvaluator:
         self.report.update(sets[me].report)
         if self.report.counts and jax.process_index() == 0:
             logging.warning("eval split %r: %s", split, self.report.summary())
+        self.device_batches = self.batches
+        multiple = objectives.pack_row_multiple(config, count)
+        if multiple:  # One row count for the whole split: one compiled shape.
+            most = max(task_packing.rows_needed(b) for b in self.batches)
+            rows = -(-most // multiple) * multiple
+            self.device_batches = [task_packing.pack_task_batch(b, num_rows=rows)
+                                   for b in self.batches]
         if graphdef is None:
             return
         replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
+        length = config.data.max_length
 
         def predict(params, batch):
             out = objectives.forward(nnx.merge(graphdef, params), batch)
             if "logits" in out:  # Token logits are large: only the argmax leaves the device.
                 logits = out["logits"]
-                out = {"logits": logits} if logits.ndim == 2 else {
-                    "predictions": logits.argmax(-1).astype(np.int32)}
+                if logits.ndim == 2:
+                    return {"logits": logits}
+                predictions = logits.argmax(-1).astype(np.int32)
+                if task_packing.is_packed(batch):  # Back to one row per example.
+                    predictions = objectives.placement(batch).unpack_tokens(predictions, length)
+                out = {"predictions": predictions}
             return out
 
         self.predict = jax.jit(predict, in_shardings=(params_sharding, batch_sharding),
@@ -99,7 +111,7 @@ class TaskEvaluator:
 
     def __call__(self, params: Any, step: int) -> dict[str, float]:
         outputs = []
-        for batch in self.batches:  # Dispatch every batch, then fetch: the device never waits.
+        for batch in self.device_batches:  # Dispatch all, then fetch: the device never waits.
             outputs.append(self.predict(params, trainer.to_global(batch, self.batch_sharding)))
         return self.score({k: np.concatenate([np.asarray(o[k]) for o in outputs])
                            for k in outputs[0]}, step)

@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from transformer import model_io, paths, sharding
-from transformer.data import pipeline
+from transformer.data import pipeline, task_packing
 from transformer.data.tokenizer import Tokenizer, load_tokenizer
 from transformer.models import ModelConfig
 from transformer.train import best as best_lib
@@ -110,26 +110,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     # --- Train. -----------------------------------------------------------------------------
     log = MetricLog(workdir, total_steps=config.num_train_steps, start_step=start_step)
-    tokens_per_step = config.data.global_batch_size * seq_len
     head_flops = objective.head_flops(model_config, config, seq_len)  # What the step runs.
-    flops_per_step = flops.flops_per_token(model_config, seq_len, head_flops) * tokens_per_step
+    flops_per_token = flops.flops_per_token(model_config, seq_len, head_flops)
     peak = flops.peak_flops(jax.devices()[0], config.peak_flops) * jax.device_count()
     preempted = install_sigterm_handler()
     pending, last_metrics = None, {}
-    clock = Throughput(tokens_per_step, flops_per_step, peak)
+    clock = Throughput(flops_per_token, peak)
+    shapes = CompiledShapes()
     with sharding.use_mesh(mesh, rules), log:  # The log is closed (and flushed) on errors too.
         for step in range(start_step, config.num_train_steps):
-            batch = to_global(next(train_iter), batch_sharding)
-            state, metrics = train_step(state, batch)
+            host_batch = next(train_iter)
+            tokens = (task_packing.real_tokens(host_batch), slot_tokens(host_batch))
+            batch = to_global(host_batch, batch_sharding)
+            with shapes.first_call(host_batch, clock):  # Compiling is not training time.
+                state, metrics = train_step(state, batch)
             # Fetch the previous step's metrics only now, while this step runs on the device.
             if pending is not None:
                 check_finite(pending[1], config.max_bad_steps, pending[0])
-                clock.completed(pending[0])
+                clock.completed(pending[0], *pending[2])
                 if pending[0] % config.log_every == 0:
                     last_metrics = {k: float(v) for k, v in pending[1].items()}
-                    last_metrics.update(clock.rates())
+                    last_metrics.update(clock.rates(), **shapes.summary())
                     log.write(pending[0], last_metrics)
-            pending = (step + 1, metrics)
+            pending = (step + 1, metrics, tokens)
             log.advance()
             done = step + 1 == config.num_train_steps
             checkpointer.save(step + 1, state, train_iter, config.to_dict(), force=done)
@@ -147,8 +150,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 break
         if pending is not None:  # The last step's metrics.
             check_finite(pending[1], config.max_bad_steps, pending[0])
-            clock.completed(pending[0])
-            last_metrics.update({k: float(v) for k, v in pending[1].items()}, **clock.rates())
+            clock.completed(pending[0], *pending[2])
+            last_metrics.update({k: float(v) for k, v in pending[1].items()}, **clock.rates(),
+                                **shapes.summary())
             log.write(pending[0], last_metrics)
     checkpointer.wait()
     checkpointer.close()
@@ -158,29 +162,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
 
 class Throughput:
-    """Training speed between logged steps, from completion times, with evaluation excluded.
-    The clock starts when the first step completes, so compilation is not counted."""
+    """Training speed between logged steps, from completion times, with evaluation and
+    compilation excluded (the clock starts when the first step completes).
 
-    def __init__(self, tokens_per_step: int, flops_per_step: float, peak_flops: float):
-        self.tokens_per_step, self.flops_per_step = tokens_per_step, flops_per_step
-        self.peak = peak_flops
+    `tokens_per_s` and `mfu` count real tokens; `slot_tokens_per_s` and `slot_mfu` count every
+    position the device computed, padding included (their ratio is the padding overhead)."""
+
+    def __init__(self, flops_per_token: float, peak_flops: float):
+        self.flops_per_token, self.peak = flops_per_token, peak_flops
         self.start_step = self.start_time = self.last_step = None
-        self.excluded = 0.0
+        self.excluded, self.tokens, self.slots = 0.0, 0, 0
 
-    def completed(self, step: int) -> None:
-        if self.start_step is None:
+    def completed(self, step: int, tokens: int, slots: int) -> None:
+        if self.start_step is None:  # This step's tokens ran before the clock started.
             self.start_step, self.start_time, self.excluded = step, time.perf_counter(), 0.0
+            self.tokens = self.slots = 0
+        else:
+            self.tokens, self.slots = self.tokens + tokens, self.slots + slots
         self.last_step = step
 
     def rates(self) -> dict[str, float]:
         elapsed = time.perf_counter() - self.start_time - self.excluded
-        steps = self.last_step - self.start_step
+        steps, tokens, slots = self.last_step - self.start_step, self.tokens, self.slots
         self.start_step, self.start_time, self.excluded = self.last_step, time.perf_counter(), 0.0
+        self.tokens = self.slots = 0
         if steps <= 0 or elapsed <= 0:
             return {}
-        rate = steps / elapsed
-        return {"steps_per_s": rate, "tokens_per_s": rate * self.tokens_per_step,
-                "mfu": rate * self.flops_per_step / self.peak}
+        per_s = lambda n: n / elapsed
+        return {"steps_per_s": per_s(steps), "tokens_per_s": per_s(tokens),
+                "slot_tokens_per_s": per_s(slots),
+                "mfu": per_s(tokens) * self.flops_per_token / self.peak,
+                "slot_mfu": per_s(slots) * self.flops_per_token / self.peak}
 
     @contextlib.contextmanager
     def paused(self):
@@ -189,6 +201,38 @@ class Throughput:
             yield
         finally:
             self.excluded += time.perf_counter() - begin
+
+
+def slot_tokens(batch: dict[str, np.ndarray]) -> int:
+    """Positions the model computes for this batch: rows × length, padding included."""
+    ids = batch["input_ids"] if "input_ids" in batch else batch["inputs"]
+    return int(np.size(ids))
+
+
+class CompiledShapes:
+    """The distinct batch shapes the train step met (each compiled once), and the seconds their
+    first calls took (tracing and compiling, or reading the persistent compilation cache)."""
+
+    def __init__(self):
+        self.seen: set[tuple] = set()
+        self.compile_s = 0.0
+
+    @contextlib.contextmanager
+    def first_call(self, batch: dict[str, np.ndarray], clock: Throughput):
+        signature = tuple(sorted((k, np.shape(v)) for k, v in batch.items()))
+        if signature in self.seen:
+            yield
+            return
+        self.seen.add(signature)
+        begin = time.perf_counter()
+        with clock.paused():
+            yield
+        self.compile_s += time.perf_counter() - begin
+        logging.info("train step compiled for batch shape %s (%d shape(s), %.1f s compiling)",
+                     {k: np.shape(v) for k, v in batch.items()}, len(self.seen), self.compile_s)
+
+    def summary(self) -> dict[str, float]:
+        return {"compiled_shapes": float(len(self.seen)), "compile_s": self.compile_s}
 
 
 def prepare_workdir(workdir: str | os.PathLike) -> epath.Path:
