@@ -79,17 +79,21 @@ def dot_product_attention(
         raise ValueError(f"attention impl {impl!r} is not one of ['einsum', 'xla']")
 
     groups = heads // kv_heads
-    grouped = query.reshape(batch, q_len, kv_heads, groups, depth)
+    # Grouped queries share a key head; without groups the plain products avoid the reshapes
+    # (each a layout copy of the [B, H, T, S] scores on some backends).
+    q_spec, s_spec = ("btkd", "bkts") if groups == 1 else ("btkgd", "bkgts")
+    grouped = query if groups == 1 else query.reshape(batch, q_len, kv_heads, groups, depth)
     scores = jnp.einsum(
-        f"btkgd,{kv}->bkgts", grouped, key, preferred_element_type=jnp.float32
+        f"{q_spec},{kv}->{s_spec}", grouped, key, preferred_element_type=jnp.float32
     ).reshape(batch, heads, q_len, kv_len)
     scores = scores * scale
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1)
     probs = dropout(weights, dropout_rate, dropout_rng).astype(value.dtype)
-    probs = probs.reshape(batch, kv_heads, groups, q_len, kv_len)
-    out = jnp.einsum(f"bkgts,{kv}->btkgd", probs, value).reshape(batch, q_len, heads, depth)
+    if groups > 1:
+        probs = probs.reshape(batch, kv_heads, groups, q_len, kv_len)
+    out = jnp.einsum(f"{s_spec},{kv}->{q_spec}", probs, value).reshape(batch, q_len, heads, depth)
     return out, weights if return_weights else None
 
 

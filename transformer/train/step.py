@@ -70,6 +70,13 @@ def make_train_step(
     loss_fn = make_loss_fn(graphdef, config, teacher and teacher.graphdef)
     summarize = get_objective(config.objective).summarize
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def mean_loss_fn(*args):
+        loss_sum, sums = loss_fn(*args)
+        return loss_sum / jnp.maximum(jax.lax.stop_gradient(sums["weight_sum"]), 1.0), sums
+
+    # One batch: differentiate the mean, so the gradient needs no second pass to divide it.
+    mean_grad_fn = jax.value_and_grad(mean_loss_fn, has_aux=True)
     accum = config.grad_accum_steps
     use_dropout = config.model.dropout_rate > 0 or config.model.attention_dropout_rate > 0
 
@@ -84,8 +91,8 @@ def make_train_step(
             return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
         if accum == 1:
-            (_, sums), grads = grad_fn(state.params, batch, rng if use_dropout else None,
-                                       teacher_params)
+            (_, sums), grads = mean_grad_fn(state.params, batch, rng if use_dropout else None,
+                                            teacher_params)
         else:
             _, zero_sums = jax.eval_shape(loss_fn, state.params, jax.tree.map(
                 lambda x: x[: x.shape[0] // accum], batch), None, teacher_params)
@@ -94,9 +101,9 @@ def make_train_step(
             (grads, sums), _ = jax.lax.scan(
                 microbatch, zeros, (_split_microbatches(batch, accum), jnp.arange(accum))
             )
-        total = jnp.maximum(sums["weight_sum"], 1.0)
-        grads = jax.tree.map(lambda g: g / total, grads)  # Mean over every weighted target.
-        loss = sums["loss_sum"] / total
+            total = jnp.maximum(sums["weight_sum"], 1.0)
+            grads = jax.tree.map(lambda g: g / total, grads)  # Mean over every weighted target.
+        loss = sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
