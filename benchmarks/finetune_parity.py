@@ -332,6 +332,7 @@ def main() -> None:
 
     from transformer import convert
     from transformer.data.tokenizer import load_tokenizer
+    from transformer.train import objectives
     from transformer.train.config import minilm_dir
 
     torch.set_num_threads(args.threads)
@@ -385,7 +386,7 @@ def main() -> None:
             "per_seed_wall_s": {f: [round(r["wall_s"], 1) for r in rs] for f, rs in runs.items()},
             "jax_compile_s": [r["compile_s"] for r in runs["jax"]],
             "jax_compiled_shapes": [r["compiled_shapes"] for r in runs["jax"]],
-            "packed": bool(args.pack),
+            "packed": objectives.pack_row_multiple(config, 1) is not None,
         }
     print(json.dumps({"finetune_parity": results}))
 
