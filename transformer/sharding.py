@@ -51,12 +51,9 @@ _active_rules: contextvars.ContextVar[dict[str, tuple[str, ...]] | None] = conte
 
 
 def data_parallel_size(shape: Mapping[str, int], device_count: int | None = None) -> int:
-    """Devices the batch is split over (data × fsdp) in the mesh `shape` (-1 resolved as in
-    `make_mesh`)."""
+    """Devices the batch is split over (data × fsdp) in the mesh `shape`."""
     count = jax.device_count() if device_count is None else device_count
-    sizes = {a: shape.get(a, 1) for a in MESH_AXES}
-    known = math.prod(v for v in sizes.values() if v != -1)
-    sizes = {a: (count // max(known, 1) if v == -1 else v) for a, v in sizes.items()}
+    sizes = dict(zip(MESH_AXES, mesh_sizes(shape, count)))
     return sizes["data"] * sizes["fsdp"]
 
 
@@ -68,6 +65,12 @@ def make_mesh(
     `shape` gives each axis size; one may be -1 for "the rest of the devices".
     """
     devices = list(jax.devices() if devices is None else devices)
+    device_grid = np.asarray(devices).reshape(mesh_sizes(shape, len(devices)))
+    return Mesh(device_grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def mesh_sizes(shape: Mapping[str, int] | Sequence[int], device_count: int) -> list[int]:
+    """Each mesh axis's size for `device_count` devices, -1 ("the rest") resolved; checked."""
     sizes = [shape.get(a, 1) for a in MESH_AXES] if isinstance(shape, Mapping) else list(shape)
     if isinstance(shape, Mapping) and (extra := set(shape) - set(MESH_AXES)):
         raise ValueError(f"unknown mesh axes {sorted(extra)}; the mesh axes are {MESH_AXES}")
@@ -77,19 +80,18 @@ def make_mesh(
         raise ValueError(f"mesh shape {sizes}: at most one axis may be -1")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if known <= 0 or len(devices) % known:
+        if known <= 0 or device_count % known:
             raise ValueError(
-                f"mesh shape {sizes}: {len(devices)} devices are not divisible by {known}"
+                f"mesh shape {sizes}: {device_count} devices are not divisible by {known}"
             )
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
+        sizes[sizes.index(-1)] = device_count // known
+    if math.prod(sizes) != device_count:
         raise ValueError(
             f"mesh shape {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices but "
-            f"{len(devices)} are available; make the product equal the device count "
+            f"{device_count} are available; make the product equal the device count "
             "(or use -1 on one axis)"
         )
-    device_grid = np.asarray(devices).reshape(sizes)
-    return Mesh(device_grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(sizes))
+    return sizes
 
 
 def normalize_rules(rules: Rules) -> dict[str, tuple[str, ...]]:

@@ -128,16 +128,16 @@ NO_XLA_FLAGS = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 
 def test_slurm_one_process_per_gpu_and_per_node():
     out = commands("gpu/slurm.sh", "--nodes=4", "--gpus-per-node=8", "--partition=a100",
-                   "--time=24:00:00", "--workdir=/shared/gpt2", "--", "--config=c.py",
+                   "--time=24:00:00", "--workdir=/scratch/gpt2", "--", "--config=c.py",
                    env=NO_XLA_FLAGS)
     assert out == [
         ["env", f"XLA_FLAGS={gpu_xla_flags()}",
          "sbatch", "--job-name=transformer", "--nodes=4", "--ntasks-per-node=8",
          "--gpus-per-node=8", "--partition=a100", "--time=24:00:00",
-         "--output=/shared/gpt2/slurm-%j.out", "launch/gpu/train.sbatch",
-         "--workdir=/shared/gpt2", "--config=c.py"],
+         "--output=/scratch/gpt2/slurm-%j.out", "launch/gpu/train.sbatch",
+         "--workdir=/scratch/gpt2", "--config=c.py"],
         "# the job runs on 32 task(s): srun --kill-on-bad-exit=1 python -m transformer.main "
-        "--workdir=/shared/gpt2 --config=c.py",
+        "--workdir=/scratch/gpt2 --config=c.py",
     ]
     per_node = commands("gpu/slurm.sh", "--nodes=2", "--mode=per-node", "--workdir=/w", "--",
                         "--config=c.py", "--no-xla-flags")

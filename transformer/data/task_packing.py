@@ -30,8 +30,7 @@ EXAMPLE_KEYS = ("example_rows", "example_starts", "example_lengths")
 def default_row_multiple(examples: int, devices: int = 1) -> int:
     """Rows grow in steps of an eighth of the batch (at most 8 compiled shapes), and stay
     divisible by the devices the rows are sharded over."""
-    step = max(1, examples // 8)
-    return step * devices // math.gcd(step, devices)
+    return math.lcm(max(1, examples // 8), devices)
 
 
 def assign_rows(lengths: np.ndarray, row_length: int) -> tuple[np.ndarray, np.ndarray, int]:
