@@ -6,6 +6,13 @@
 --checkpoint is our checkpoint directory or a local Hugging Face folder. Greedy by default
 (--temperature=0); generation stops at the tokenizer's end-of-sequence token unless --stop_ids says
 otherwise.
+
+An instruct model answers best in the layout it was trained on: --chat sends --prompt as one user
+message (after a --system message, if given) through the folder's chat template, prints only the
+reply, and stops at the template's end-of-turn tokens:
+
+  python -m transformer.generate --checkpoint=path/to/instruct-model --chat \
+      --system="You are concise." --prompt="What is a transformer?"
 """
 
 from __future__ import annotations
@@ -20,15 +27,30 @@ from transformer.inference.decode import stream
 from transformer.inference.sampling import SamplingConfig
 
 
+def prompt_ids(tokenizer: Any, prompt: str, *, chat: bool = False,
+               system: str | None = None) -> list[int]:
+    """Ids of the prompt: plain text (with the tokenizer's special tokens), or under `chat` one user
+    message (after an optional system message) in the chat template, ending in the assistant header."""
+    if not chat:
+        if system is not None:
+            raise ValueError("a system message needs the chat template: pass --chat with --system")
+        return list(tokenizer(prompt, padding=False)["input_ids"])
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    messages.append({"role": "user", "content": prompt})
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+
 def stream_text(
-    tokenizer: Any, model: Any, prompt: str, config: SamplingConfig, *, seed: int = 0,
-    out: TextIO = sys.stdout,
+    tokenizer: Any, model: Any, prompt: str | Sequence[int], config: SamplingConfig, *,
+    seed: int = 0, out: TextIO = sys.stdout,
 ) -> str:
-    """Writes the continuation of `prompt` to `out` as tokens arrive; returns it."""
-    prompt_ids = tokenizer(prompt, padding=False)["input_ids"]
+    """Writes the continuation of `prompt` (text, or ids from `prompt_ids`) to `out` as tokens
+    arrive; returns it."""
+    if isinstance(prompt, str):
+        prompt = prompt_ids(tokenizer, prompt)
     ids: list[int] = []
     shown = ""
-    for token in stream(model, prompt_ids, config, rng=jax.random.key(seed)):
+    for token in stream(model, list(prompt), config, rng=jax.random.key(seed)):
         if token in config.stop_tokens:
             break
         ids.append(token)
@@ -46,7 +68,13 @@ def stream_text(
 
 
 def sampling_config(tokenizer: Any, *, max_new_tokens: int, temperature: float, top_k: int,
-                    top_p: float, stop_ids: Sequence[int] | None) -> SamplingConfig:
+                    top_p: float, stop_ids: Sequence[int] | None,
+                    chat: bool = False) -> SamplingConfig:
+    """Sampling settings; stop ids default to the chat template's end-of-turn ids under `chat`,
+    else to the tokenizer's eos."""
+    template = getattr(tokenizer, "chat_template", None)
+    if stop_ids is None and chat and template is not None:
+        stop_ids = list(template.stop_ids)
     if stop_ids is None:
         stop_ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
@@ -66,12 +94,17 @@ def main(argv: Sequence[str]) -> None:
     tokenizer, model = from_pretrained(FLAGS.checkpoint, quantize=FLAGS.quantize)
     if tokenizer is None:
         raise SystemExit(f"{FLAGS.checkpoint} has no tokenizer files; generation needs them")
+    try:
+        ids = prompt_ids(tokenizer, FLAGS.prompt, chat=FLAGS.chat, system=FLAGS.system)
+    except ValueError as error:  # no chat template, or one that refuses the messages
+        raise SystemExit(f"{FLAGS.checkpoint}: {error}") from None
     stop = None if FLAGS.stop_ids is None else [int(i) for i in FLAGS.stop_ids]
     config = sampling_config(tokenizer, max_new_tokens=FLAGS.max_new_tokens,
                              temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
-                             stop_ids=stop)
-    sys.stdout.write(FLAGS.prompt)
-    stream_text(tokenizer, model, FLAGS.prompt, config, seed=FLAGS.seed)
+                             stop_ids=stop, chat=FLAGS.chat)
+    if not FLAGS.chat:  # a continuation reads on from the prompt; a chat reply stands alone
+        sys.stdout.write(FLAGS.prompt)
+    stream_text(tokenizer, model, ids, config, seed=FLAGS.seed)
 
 
 if __name__ == "__main__":
@@ -80,12 +113,16 @@ if __name__ == "__main__":
     flags.DEFINE_string("checkpoint", None, "our checkpoint directory or a Hugging Face folder")
     flags.DEFINE_enum("quantize", None, ["int8", "int4"],
                       "weight-only quantization of the loaded model (transformer.quantize)")
-    flags.DEFINE_string("prompt", None, "the text to continue")
+    flags.DEFINE_string("prompt", None, "the text to continue (with --chat: the user's message)")
+    flags.DEFINE_bool("chat", False, "format --prompt with the folder's chat template as a user "
+                      "message and stop at the template's end-of-turn tokens")
+    flags.DEFINE_string("system", None, "with --chat: a system message before the user's")
     flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate at most")
     flags.DEFINE_float("temperature", 0.0, "0 = greedy; otherwise sample from softmax(logits / T)")
     flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0 = all)")
     flags.DEFINE_float("top_p", 1.0, "sample from the nucleus of probability p (1 = all)")
     flags.DEFINE_integer("seed", 0, "random seed of the sampling")
-    flags.DEFINE_list("stop_ids", None, "token ids that end generation (default: the tokenizer's EOS)")
+    flags.DEFINE_list("stop_ids", None, "token ids that end generation (default: the tokenizer's "
+                      "EOS; with --chat the template's end-of-turn ids)")
     flags.mark_flags_as_required(["checkpoint", "prompt"])
     app.run(main)

@@ -18,9 +18,12 @@ import itertools
 import math
 import pathlib
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from transformer.data.chat import ChatTemplate, Message
 
 SPECIAL_NAMES = ("pad", "unk", "bos", "eos", "cls", "sep", "mask")
 # How `__call__` wraps sequences: BERT ([CLS] a [SEP] b [SEP]), Llama (<s> a <s> b) or GPT-2 (a b).
@@ -46,6 +49,8 @@ class Tokenizer(abc.ABC):
     sep_id: int | None = None
     mask_id: int | None = None
     template: Template = "none"
+    chat_template: ChatTemplate | None = None  # from the folder's tokenizer_config.json (data/chat.py)
+    chat_folder: str | None = None  # where `load_tokenizer` looked for the chat template
 
     @property
     @abc.abstractmethod
@@ -71,6 +76,15 @@ class Tokenizer(abc.ABC):
     def encode(self, text: str) -> list[int]:
         """Ids of `text`, without special tokens."""
         return self.batch_encode([text])[0].ids
+
+    def apply_chat_template(
+        self, messages: Sequence[Message], add_generation_prompt: bool = False, tokenize: bool = True
+    ) -> list[int] | str:
+        """A conversation laid out by the model's chat template, as ids (or text): the format an
+        instruct model was trained on. Raises, naming the fix, when the tokenizer has no template."""
+        from transformer.data import chat
+
+        return chat.apply_chat_template(self, messages, add_generation_prompt, tokenize)
 
     def padded_vocab_size(self, multiple: int = 128) -> int:
         """Embedding-table rows: the vocabulary rounded up so the matmul tiles evenly."""
@@ -210,12 +224,24 @@ def load_tokenizer(path: str | pathlib.Path) -> Tokenizer:
 
     Accepts a file (`*.model` SentencePiece, `tokenizer.json`, BERT `vocab.txt`, GPT-2
     `encoder.json`/`vocab.json`) or a directory holding them; `tokenizer.json` wins when present.
+    The chat template of the folder (Hugging Face `tokenizer_config.json` or `chat_template.jinja`),
+    if any, comes with it as `chat_template`.
     """
-    from transformer.data import hf_tokenizers, sentencepiece_tokenizer
+    from transformer.data import chat
 
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no tokenizer at {path}")
+    directory = path.parent if path.is_file() else path
+    tokenizer = _load_vocabulary(path)
+    tokenizer.chat_folder = str(directory)
+    tokenizer.chat_template = chat.load_chat_template(directory, tokenizer)
+    return tokenizer
+
+
+def _load_vocabulary(path: pathlib.Path) -> Tokenizer:
+    from transformer.data import hf_tokenizers, sentencepiece_tokenizer
+
     if path.is_file():
         directory, names = path.parent, [path.name]
     else:
