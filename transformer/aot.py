@@ -107,7 +107,7 @@ def lower_train_step(config: Any, devices: list[Any]) -> tuple[Any, Any, Any, An
     mesh = sharding.make_mesh([config.mesh[a] for a in sharding.MESH_AXES], devices=devices)
     check_batch(config, mesh)
     tx, schedule = optimizer.make_optimizer(config)
-    shapes = jax.eval_shape(train_state.make_init_fn(model_config, tx, config.seed))
+    shapes = jax.eval_shape(train_state.make_run_init_fn(config, model_config, tx))
     params_sharding = train_state.param_shardings(model_config, mesh, rules)
     shardings = train_state.state_shardings(shapes, params_sharding, mesh)
     abstract_state = train_state.abstract_state(shapes, shardings)

@@ -31,12 +31,14 @@ CONFIG_FILE = "model_config.json"
 # ModelConfig fields that say how to run a model, not what it is: a recipe keeps them when the
 # architecture comes from a checkpoint (`init_from`, a distillation teacher).
 RUNTIME_FIELDS = ("dropout_rate", "attention_dropout_rate", "attention_impl", "dtype",
-                  "scan_layers", "remat_policy")
+                  "scan_layers", "remat_policy", "lora_rank", "lora_alpha", "lora_targets",
+                  "lora_dropout", "lora_rslora")
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_PATTERNS = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
     "vocab.json", "merges.txt", "encoder.json", "vocab.bpe", "*.model", "added_tokens.json",
+    "chat_template.jinja", "generation_config.json",
 )
 
 

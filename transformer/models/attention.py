@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from transformer.models import lora
 from transformer.models import positions as pos
 from transformer.models.common import dropout, dtype_of, param
 from transformer.models.config import ModelConfig
@@ -135,6 +136,12 @@ class MultiHeadAttention(nnx.Module):
             self.key_bias = param(rngs, (k, hd), ("heads", "kv"), dtype=pd)
             self.value_bias = param(rngs, (k, hd), ("heads", "kv"), dtype=pd)
             self.out_bias = param(rngs, (d,), ("embed",), dtype=pd)
+        embed = lora.Side((d,), ("embed",))
+        q_heads, kv_heads = lora.Side((h, hd), ("heads", "kv")), lora.Side((k, hd), ("heads", "kv"))
+        self.query_lora = lora.adapter(config, "query", embed, q_heads, rngs)
+        self.key_lora = lora.adapter(config, "key", embed, kv_heads, rngs)
+        self.value_lora = lora.adapter(config, "value", embed, kv_heads, rngs)
+        self.out_lora = lora.adapter(config, "out", q_heads, embed, rngs)
 
     def __call__(
         self,
@@ -155,9 +162,11 @@ class MultiHeadAttention(nnx.Module):
         cfg = self.config
         dtype = dtype_of(cfg.dtype)
         x = x.astype(dtype)
-        q = jnp.einsum("btd,dhk->bthk", x, self.query[...].astype(dtype))
-        k = jnp.einsum("btd,dhk->bthk", x, self.key[...].astype(dtype))
-        v = jnp.einsum("btd,dhk->bthk", x, self.value[...].astype(dtype))
+        lora_rngs = lora.dropout_rngs(cfg, dropout_rng, 4)
+        project = lambda w: jnp.einsum("btd,dhk->bthk", x, w[...].astype(dtype))
+        q = lora.apply(self.query_lora, x, project(self.query), lora_rngs[0])
+        k = lora.apply(self.key_lora, x, project(self.key), lora_rngs[1])
+        v = lora.apply(self.value_lora, x, project(self.value), lora_rngs[2])
         if cfg.attention_bias:
             q = q + self.query_bias[...].astype(dtype)
             k = k + self.key_bias[...].astype(dtype)
@@ -186,6 +195,7 @@ class MultiHeadAttention(nnx.Module):
         )
         y = constrain(y, ("batch", "length", "act_heads", None))
         out = jnp.einsum("bthk,hkd->btd", y, self.out[...].astype(dtype))
+        out = lora.apply(self.out_lora, y, out, lora_rngs[3])
         if cfg.attention_bias:
             out = out + self.out_bias[...].astype(dtype)
         return constrain(out, ("batch", "length", "act_embed")), cache, weights

@@ -47,6 +47,7 @@ class Block(nnx.Module):
     ) -> tuple[jax.Array, KVCache | None, jax.Array | None]:
         rate = self.config.dropout_rate
         attn_rng, residual1_rng, residual2_rng = split_rng(dropout_rng, 3)
+        mlp_rng = residual2_rng  # Only LoRA's input dropout reads it, through keys folded from it.
         attend = lambda h: self.attention(
             h, mask=mask, positions=positions, cache=cache, cache_index=cache_index,
             dropout_rng=attn_rng, return_weights=return_weights,
@@ -54,11 +55,11 @@ class Block(nnx.Module):
         if self.config.pre_norm:
             h, cache, weights = attend(self.attention_norm(x))
             x = x + dropout(h, rate, residual1_rng)
-            x = x + dropout(self.mlp(self.mlp_norm(x)), rate, residual2_rng)
+            x = x + dropout(self.mlp(self.mlp_norm(x), mlp_rng), rate, residual2_rng)
         else:
             h, cache, weights = attend(x)
             x = self.attention_norm(x + dropout(h, rate, residual1_rng))
-            x = self.mlp_norm(x + dropout(self.mlp(x), rate, residual2_rng))
+            x = self.mlp_norm(x + dropout(self.mlp(x, mlp_rng), rate, residual2_rng))
         return x, cache, weights
 
 

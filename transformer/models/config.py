@@ -14,6 +14,15 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ARCHITECTURES = ("encoder", "decoder")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
+# Weights a LoRA adapter can target, and how many of their leading axes are inputs.
+LORA_TARGETS = {"query": 1, "key": 1, "value": 1, "out": 2, "wi": 1, "wi_gate": 1, "wo": 1}
+# Other names a target list may use: groups, and the Llama/Mistral module names of Hugging Face.
+LORA_ALIASES = {
+    "all-linear": tuple(LORA_TARGETS), "attention": ("query", "key", "value", "out"),
+    "mlp": ("wi", "wi_gate", "wo"), "q_proj": ("query",), "k_proj": ("key",),
+    "v_proj": ("value",), "o_proj": ("out",), "gate_proj": ("wi",), "up_proj": ("wi_gate",),
+    "down_proj": ("wo",),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +72,11 @@ class ModelConfig:
     dtype: str = "float32"  # Compute dtype (activations and matmuls); softmax stays float32.
     scan_layers: bool = True  # Run the layer stack with lax.scan (one compiled layer) or unrolled.
     remat_policy: str = "none"  # One of REMAT_POLICIES: what the backward pass recomputes.
+    lora_rank: int = 0  # LoRA adapters of this rank on `lora_targets` (0 = none).
+    lora_alpha: float = 16.0  # The update is scaled by lora_alpha / lora_rank.
+    lora_targets: tuple[str, ...] = ()  # Names in LORA_TARGETS or LORA_ALIASES.
+    lora_dropout: float = 0.0  # Dropout on the adapters' inputs.
+    lora_rslora: bool = False  # Scale by lora_alpha / sqrt(lora_rank) (rank-stabilized LoRA).
 
     def __post_init__(self):
         _check_choice("architecture", self.architecture, ARCHITECTURES)
@@ -93,9 +107,34 @@ class ModelConfig:
                              "decoder and a positive size (None = full attention)")
         if self.position == "rope" and self.dim_per_head % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.dim_per_head}")
-        for name in ("dropout_rate", "attention_dropout_rate"):
+        self._check_lora()
+        for name in ("dropout_rate", "attention_dropout_rate", "lora_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+
+    def _check_lora(self) -> None:
+        """Resolves `lora_targets` to LORA_TARGETS names; clear errors for what cannot work."""
+        names = self.lora_targets
+        names = names.split(",") if isinstance(names, str) else names
+        linear = [t for t in LORA_TARGETS if t != "wi_gate" or self.gated_mlp]
+        resolved: list[str] = []
+        for name in names:
+            for target in LORA_ALIASES.get(name, (name,)):
+                if target not in linear and name in LORA_ALIASES:
+                    continue  # A group names what this model has of it.
+                if target not in linear:
+                    raise ValueError(f"LoRA target {name!r} matches no linear layer; this model's "
+                                     f"linear layers are {linear} (or the groups "
+                                     f"{['all-linear', 'attention', 'mlp']})")
+                if target not in resolved:
+                    resolved.append(target)
+        object.__setattr__(self, "lora_targets", tuple(resolved))
+        if self.lora_rank < 0:
+            raise ValueError(f"ModelConfig.lora_rank={self.lora_rank} must be positive (0 = no "
+                             "LoRA)")
+        if self.lora_rank > 0 and not resolved:
+            raise ValueError(f"ModelConfig.lora_rank={self.lora_rank} but lora_targets is empty; "
+                             f"name the weights to adapt among {linear}")
 
     @property
     def kv_heads(self) -> int:

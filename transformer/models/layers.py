@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from transformer.models import lora
 from transformer.models import positions as pos
 from transformer.models.common import dtype_of, param
 from transformer.models.config import ModelConfig
@@ -57,20 +58,28 @@ class MLP(nnx.Module):
         if config.mlp_bias:
             self.bi = param(rngs, (f,), ("mlp",), dtype=pd)
             self.bo = param(rngs, (d,), ("embed",), dtype=pd)
+        embed, hidden = lora.Side((d,), ("embed",)), lora.Side((f,), ("mlp",))
+        self.wi_lora = lora.adapter(config, "wi", embed, hidden, rngs)
+        if config.gated_mlp:
+            self.wi_gate_lora = lora.adapter(config, "wi_gate", embed, hidden, rngs)
+        self.wo_lora = lora.adapter(config, "wo", hidden, embed, rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
+        """`dropout_rng` only feeds the adapters' input dropout (LoRA), if any."""
         cfg = self.config
         dtype = dtype_of(cfg.dtype)
         act = ACTIVATION_FNS[cfg.activation]
+        lora_rngs = lora.dropout_rngs(cfg, dropout_rng, 3)
         x = x.astype(dtype)
-        h = x @ self.wi[...].astype(dtype)
+        h = lora.apply(self.wi_lora, x, x @ self.wi[...].astype(dtype), lora_rngs[0])
         if cfg.mlp_bias:
             h = h + self.bi[...].astype(dtype)
         h = act(h)
         if cfg.gated_mlp:
-            h = h * (x @ self.wi_gate[...].astype(dtype))
+            gate = x @ self.wi_gate[...].astype(dtype)
+            h = h * lora.apply(self.wi_gate_lora, x, gate, lora_rngs[1])
         h = constrain(h, ("batch", "length", "act_mlp"))
-        y = h @ self.wo[...].astype(dtype)
+        y = lora.apply(self.wo_lora, h, h @ self.wo[...].astype(dtype), lora_rngs[2])
         if cfg.mlp_bias:
             y = y + self.bo[...].astype(dtype)
         return constrain(y, ("batch", "length", "act_embed"))

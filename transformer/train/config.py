@@ -71,6 +71,10 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
     c.finetune = ml_collections.ConfigDict()
     c.finetune.pooling = "pooler"  # Sequence classification: 'pooler', 'cls', 'mean' or 'last'.
     c.finetune.classifier_dropout = placeholder(float)  # Before the head; None = model's rate.
+    # With LoRA (model.lora_rank > 0) only the adapters train, and the parameters whose dotted
+    # path matches one of these comma-separated regexes (by default a task model's head).
+    c.finetune.train_also = r"^head\."
+    c.finetune.frozen_dtype = ""  # With LoRA: store the frozen weights as e.g. 'bfloat16'.
     c.finetune.layer_decay = 1.0  # Layer-wise learning-rate decay (1 = off; e.g. 0.8).
     c.finetune.best_metric = ""  # Metric that picks WORKDIR/best ("" = the task's own).
     c.finetune.best_mode = ""  # 'max' or 'min' ("" = 'min' for losses, else 'max').

@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from transformer import sharding
 from transformer.models import MODELS, ModelConfig
+from transformer.train import trainable
 
 
 @struct.dataclass
@@ -90,23 +91,38 @@ def state_shardings(
 
 def make_init_fn(
     model_config: ModelConfig, tx: optax.GradientTransformation, seed: int,
-    build: Builder | None = None,
+    build: Builder | None = None, trains: trainable.Predicate | None = None,
+    frozen_dtype: str = "",
 ) -> Callable[[], TrainState]:
+    """The state's initializer; with `trains` (LoRA), the optimizer holds the trainable part only
+    and the frozen part is stored in `frozen_dtype` ('' = as the model makes it)."""
     make = model_builder(model_config, build)
 
     def init() -> TrainState:
         model = make(nnx.Rngs(seed))
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        trainable.check(params, trains)
+        params = trainable.cast_frozen(params, trains, frozen_dtype)
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
-            opt_state=tx.init(params),
+            opt_state=tx.init(trainable.split(params, trains)[0]),
             rng=jax.random.key_data(jax.random.key(seed + 1)),
             skipped=jnp.zeros((), jnp.int32),
             bad_streak=jnp.zeros((), jnp.int32),
         )
 
     return init
+
+
+def make_run_init_fn(
+    config: Any, model_config: ModelConfig, tx: optax.GradientTransformation,
+    build: Builder | None = None,
+) -> Callable[[], TrainState]:
+    """`make_init_fn` as the trainer config says: what trains (LoRA) and how frozen weights are
+    stored (`finetune.frozen_dtype`)."""
+    return make_init_fn(model_config, tx, config.seed, build, trainable.predicate(config),
+                        config.finetune.get("frozen_dtype", ""))
 
 
 def create_train_state(

@@ -13,6 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from transformer import sharding
+from transformer.train import trainable
 from transformer.train.objectives import get_objective
 from transformer.train.optimizer import applied_steps
 from transformer.train.state import TrainState
@@ -67,8 +68,14 @@ def make_train_step(
     donated. A non-finite loss or gradient norm (a global check: every host agrees) skips the
     update and is counted. A `teacher` (`Objective.teacher`: graphdef, params, shardings) runs in
     the step, its parameters a sharded input of the jitted function."""
-    loss_fn = make_loss_fn(graphdef, config, teacher and teacher.graphdef)
+    whole_loss_fn = make_loss_fn(graphdef, config, teacher and teacher.graphdef)
     summarize = get_objective(config.objective).summarize
+    trains = trainable.predicate(config)
+
+    # Differentiated with respect to the trainable part only: a frozen base gets no gradient.
+    def loss_fn(train_params, frozen_params, *args):
+        return whole_loss_fn(trainable.join(train_params, frozen_params), *args)
+
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def mean_loss_fn(*args):
@@ -78,25 +85,27 @@ def make_train_step(
     # One batch: differentiate the mean, so the gradient needs no second pass to divide it.
     mean_grad_fn = jax.value_and_grad(mean_loss_fn, has_aux=True)
     accum = config.grad_accum_steps
-    use_dropout = config.model.dropout_rate > 0 or config.model.attention_dropout_rate > 0
+    use_dropout = (config.model.dropout_rate > 0 or config.model.attention_dropout_rate > 0
+                   or config.model.get("lora_dropout", 0.0) > 0)
 
     def train_step(state: TrainState, batch: Batch, teacher_params: Any = None,
                    ) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        train_params, frozen = trainable.split(state.params, trains)
 
         def microbatch(carry: Any, inputs: tuple[Batch, jax.Array]) -> tuple[Any, None]:
             mb, i = inputs
-            (_, sums), grads = grad_fn(state.params, mb, jax.random.fold_in(rng, i) if use_dropout
-                                       else None, teacher_params)
+            (_, sums), grads = grad_fn(train_params, frozen, mb, jax.random.fold_in(rng, i)
+                                       if use_dropout else None, teacher_params)
             return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
         if accum == 1:
-            (_, sums), grads = mean_grad_fn(state.params, batch, rng if use_dropout else None,
-                                            teacher_params)
+            (_, sums), grads = mean_grad_fn(train_params, frozen, batch,
+                                            rng if use_dropout else None, teacher_params)
         else:
-            _, zero_sums = jax.eval_shape(loss_fn, state.params, jax.tree.map(
+            _, zero_sums = jax.eval_shape(loss_fn, train_params, frozen, jax.tree.map(
                 lambda x: x[: x.shape[0] // accum], batch), None, teacher_params)
-            zeros = (jax.tree.map(jnp.zeros_like, state.params),
+            zeros = (jax.tree.map(jnp.zeros_like, train_params),
                      jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_sums))
             (grads, sums), _ = jax.lax.scan(
                 microbatch, zeros, (_split_microbatches(batch, accum), jnp.arange(accum))
@@ -107,12 +116,12 @@ def make_train_step(
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        updates, opt_state = tx.update(grads, state.opt_state, train_params)
+        new_params = optax.apply_updates(train_params, updates)
         keep_if_finite = lambda new, old: jnp.where(finite, new, old)
         new_state = state.replace(
             step=state.step + 1,
-            params=jax.tree.map(keep_if_finite, params, state.params),
+            params=trainable.join(jax.tree.map(keep_if_finite, new_params, train_params), frozen),
             opt_state=jax.tree.map(keep_if_finite, opt_state, state.opt_state),
             skipped=state.skipped + (~finite).astype(jnp.int32),
             bad_streak=jnp.where(finite, 0, state.bad_streak + 1),

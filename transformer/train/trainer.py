@@ -27,7 +27,15 @@ from transformer.data import pipeline, task_packing
 from transformer.data.tokenizer import Tokenizer, load_tokenizer
 from transformer.models import ModelConfig
 from transformer.train import best as best_lib
-from transformer.train import checkpointing, distributed, flops, layer_decay, objectives, optimizer
+from transformer.train import (
+    checkpointing,
+    distributed,
+    flops,
+    layer_decay,
+    objectives,
+    optimizer,
+    trainable,
+)
 from transformer.train import state as train_state
 from transformer.train import step as train_step_lib
 from transformer.train.metrics_log import MetricLog
@@ -66,7 +74,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     # --- Model, optimizer and their shardings (computed before anything is allocated). --------
     tx, schedule = optimizer.make_optimizer(config)
     tx = layer_decay.with_layer_decay(tx, config.finetune.layer_decay, model_config.num_layers)
-    init_fn = train_state.make_init_fn(model_config, tx, config.seed, build)
+    init_fn = train_state.make_run_init_fn(config, model_config, tx, build)
     shapes = jax.eval_shape(init_fn)
     params_sharding = train_state.param_shardings(model_config, mesh, rules, build)
     shardings = train_state.state_shardings(shapes, params_sharding, mesh)
@@ -432,12 +440,25 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 def load_pretrained_params(path: str, params: Any, shapes: Any, params_sharding: Any) -> Any:
     """Parameters only (for fine-tuning), from a model checkpoint directory. A task model (its
-    tree has 'backbone' and 'head') takes the checkpoint as its backbone; the head keeps `params`
-    (its fresh initialization)."""
+    tree has 'backbone' and 'head') takes the checkpoint as its backbone. What the checkpoint
+    cannot hold keeps `params` (its fresh initialization): a task head, and LoRA adapters when
+    the checkpoint is of the base model."""
     from transformer import model_io
+    from transformer.models import lora
 
-    if isinstance(shapes, dict) and set(shapes) == {"backbone", "head"}:
-        backbone = model_io.load_params(
-            path, shapes["backbone"], params_sharding and params_sharding["backbone"])
-        return {"backbone": backbone, "head": params["head"]}
-    return model_io.load_params(path, shapes, params_sharding)
+    task = isinstance(shapes, dict) and set(shapes) == {"backbone", "head"}
+    saved = model_io.checkpoint_shapes(path)
+
+    def fresh(p: tuple[str, ...]) -> bool:
+        if task and p[0] == "head":
+            return True
+        return lora.is_adapter_path(p) and ".".join(p[1:] if task else p) not in saved
+
+    wanted = trainable.split(shapes, fresh)[1]
+    wanted_sharding = params_sharding and trainable.split(params_sharding, fresh)[1]
+    if task:
+        loaded = {"backbone": model_io.load_params(
+            path, wanted["backbone"], wanted_sharding and wanted_sharding["backbone"])}
+    else:
+        loaded = model_io.load_params(path, wanted, wanted_sharding)
+    return trainable.join(trainable.split(params, fresh)[0], loaded)
