@@ -179,6 +179,40 @@ def load_chat_template(
                         name=chosen)
 
 
+BUNDLED_DIR = pathlib.Path(__file__).parent / "chat_templates"
+
+
+def template_from_file(path: str | pathlib.Path, tokenizer: Tokenizer) -> ChatTemplate:
+    """A chat template from a `.jinja` file (or the name of one in chat_templates/, e.g. 'inst'),
+    for a tokenizer that has none (e.g. a SentencePiece model trained here); its special tokens are
+    the tokenizer's own bos/eos/pad/unk pieces."""
+    bundled = BUNDLED_DIR / f"{path}.jinja"
+    path = bundled if bundled.is_file() else pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"chat template file {path} does not exist (config.data.chat_template)")
+    source = path.read_text(encoding="utf-8")
+    try:
+        _compile(source)
+    except Exception as e:
+        raise ValueError(f"the chat template {path} is not valid Jinja: {e}") from e
+    special = {f"{name}_token": tokenizer.id_to_token(i) for name in ("bos", "eos", "pad", "unk")
+               if (i := getattr(tokenizer, f"{name}_id")) is not None}
+    stop = _stop_ids(tokenizer, source, special, {})
+    return ChatTemplate(source=source, folder=str(path.parent), special_tokens=special,
+                        stop_ids=stop, name=path.stem)
+
+
+def save_template(template: ChatTemplate, directory: str | pathlib.Path) -> None:
+    """Writes the template into a tokenizer folder (chat_template.jinja, and the special-token
+    strings it reads into tokenizer_config.json), so the folder loads with it."""
+    directory = pathlib.Path(directory)
+    (directory / TEMPLATE_FILE).write_text(template.source, encoding="utf-8")
+    config_path = directory / "tokenizer_config.json"
+    config = _read_json(config_path)
+    config.update({k: v for k, v in template.special_tokens.items() if k not in config})
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def _stop_ids(tokenizer: Tokenizer, source: str, special: Mapping[str, str],
               generation: Mapping[str, Any]) -> tuple[int, ...]:
     eos = special.get("eos_token")

@@ -60,6 +60,9 @@ def default_config() -> ml_collections.ConfigDict:
     # classification, relation; see task_packing). The examples per step are unchanged.
     c.pack_examples = True
     c.pack_row_multiple = 0  # packed rows grow in steps of this (0 = an eighth of the batch)
+    c.sft_max_examples = 0  # sft: conversations read per file (0 = all)
+    # sft: a Jinja chat template file for a tokenizer without one ("" = the tokenizer's own)
+    c.chat_template = ""
     # Order, batching and parallelism.
     c.global_batch_size = 32  # rows per step over all processes; each gets global / process_count
     c.seed = 0  # shuffling and masking seed

@@ -13,7 +13,7 @@ Local JSONL, one conversation a line, in either form:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -107,10 +107,20 @@ def read_sft_jsonl(
     task preprocessors do, are truncated to their first `max_length` tokens and counted under
     'truncated'; one with no assistant token left within max_length is an error (raise or skip).
     """
+    report = report if report is not None else Report()
+    records = read_records(path, "jsonl", on_error=on_error, report=report)
+    return sft_examples(records, tokenizer, max_length, on_error=on_error, report=report)
+
+
+def sft_examples(
+    records: Iterable[Mapping[str, Any]], tokenizer: Tokenizer, max_length: int, *,
+    on_error: OnError = "raise", report: Report | None = None,
+) -> Iterator[dict[str, Any]]:
+    """`read_sft_jsonl` for records from any reader (e.g. `instructions.squad_conversations`)."""
     if max_length < 1:
         raise ValueError(f"max_length must be positive, got {max_length}")
     report = report if report is not None else Report()
-    for record in read_records(path, "jsonl", on_error=on_error, report=report):
+    for record in records:
         where = record["source"]
         try:
             ids, weights = sft_example(tokenizer, record)

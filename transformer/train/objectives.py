@@ -11,6 +11,7 @@ FLOPs of the output it computes on top of the layer stack (for MFU).
   qa                    extractive QA: start/end logits, SQuAD windows
   relation              relation classification from the two entity-start markers
   distill_*             knowledge distillation from a frozen teacher (transformer/train/distill.py)
+  sft                   supervised fine-tuning on chat conversations (transformer/train/sft.py)
 """
 
 from __future__ import annotations
@@ -227,10 +228,11 @@ for _kind in ("classification", "token_classification", "qa", "relation"):
 
 # The metric that selects the best checkpoint, by task kind (the key the evaluator reports).
 BEST_METRIC = {"classification": "eval_accuracy", "token_classification": "eval_entity_f1",
-               "qa": "eval_f1", "relation": "eval_macro_f1", "lm": "eval_loss"}
+               "qa": "eval_f1", "relation": "eval_macro_f1", "lm": "eval_loss", "sft": "eval_loss"}
 
 
-from transformer.train import distill  # noqa: E402, F401  (registers the distill_* objectives)
+# Objectives in their own modules register themselves: distill_* and sft.
+from transformer.train import distill, sft  # noqa: E402, F401
 
 
 def best_metric(config: ml_collections.ConfigDict) -> tuple[str, str]:

@@ -21,8 +21,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config = result["config"]  # With `init_from` resolved (architecture, tokenizer).
     workdir = paths.absolute(workdir)
     model = nnx.merge(result["graphdef"], result["state"].params)
-    export = export_model(model, config, workdir / "model")
-    if config.objective != "lm":
+    export = export_model(model, config, workdir / "model", result["tokenizer"])
+    if model.config.lora_rank > 0:
+        export_adapters(model, config, workdir, result["tokenizer"])
+    if config.objective not in ("lm", "sft"):
         report_finetuning(result, workdir, export)
         return result
     if jax.process_index() == 0:
@@ -54,24 +56,50 @@ def report_finetuning(result: dict, workdir: epath.Path, export: epath.Path) -> 
           f"--config=<recipe> --checkpoint={workdir / 'best'} --split=<split>", flush=True)
 
 
-def export_model(model: nnx.Module, config: ml_collections.ConfigDict, target: epath.Path
-                 ) -> epath.Path:
+def export_model(model: nnx.Module, config: ml_collections.ConfigDict, target: epath.Path,
+                 tokenizer: Any = None) -> epath.Path:
     """The trained parameters in the model-checkpoint format (`--config.init_from`,
     `from_pretrained`, `transformer.generate`; task models: `transformer.evaluate`), with the
-    tokenizer files."""
+    tokenizer files, and the chat template `tokenizer` was given by `data.chat_template`."""
     best_lib.save_task_model(target, model)
-    tokenizer = paths.as_path(config.data.tokenizer)
-    if jax.process_index() == 0 and tokenizer.exists():
+    tokenizer_path = paths.as_path(config.data.tokenizer)
+    if jax.process_index() == 0 and tokenizer_path.exists():
         destination = target / "tokenizer"
-        if tokenizer.is_dir():
-            model_io.copy_tokenizer_files(tokenizer, destination)
+        if tokenizer_path.is_dir():
+            model_io.copy_tokenizer_files(tokenizer_path, destination)
         else:  # Only this tokenizer's files: its folder may hold others.
             destination.mkdir(parents=True, exist_ok=True)
             companions = {"encoder.json": "vocab.bpe", "vocab.json": "merges.txt"}
-            for name in (tokenizer.name, companions.get(tokenizer.name)):
-                if name and (tokenizer.parent / name).exists():
-                    paths.copy_file(tokenizer.parent / name, destination / name)
+            for name in (tokenizer_path.name, companions.get(tokenizer_path.name)):
+                if name and (tokenizer_path.parent / name).exists():
+                    paths.copy_file(tokenizer_path.parent / name, destination / name)
+    template = getattr(tokenizer, "chat_template", None)
+    if jax.process_index() == 0 and template is not None and config.data.get("chat_template"):
+        from transformer.data import chat  # The template the run used travels with the model.
+
+        (target / "tokenizer").mkdir(parents=True, exist_ok=True)
+        if not (target / "tokenizer" / chat.TEMPLATE_FILE).exists():
+            chat.save_template(template, target / "tokenizer")
     return target
+
+
+def export_adapters(model: nnx.Module, config: ml_collections.ConfigDict, workdir: epath.Path,
+                    tokenizer: Any) -> None:
+    """A LoRA run also writes its adapters as a peft folder (WORKDIR/adapter) and the model with
+    them merged into the weights (WORKDIR/merged), when the base has a Hugging Face form."""
+    from transformer.hf import adapters
+
+    task = hasattr(model, "backbone")
+    try:
+        folder = adapters.export_adapter(model.backbone if task else model, workdir / "adapter",
+                                         config.init_from or None)
+    except ValueError as error:  # No Hugging Face family fits the base: no peft form either.
+        logging.warning("no peft adapter written: %s", error)
+    else:
+        logging.info("LoRA adapter (peft): %s", folder)
+    if not task:  # A task model keeps its adapters (its head is trained whole anyway).
+        merged = export_model(adapters.merge(model), config, workdir / "merged", tokenizer)
+        logging.info("adapters merged into the weights: %s", merged)
 
 
 def write_samples(

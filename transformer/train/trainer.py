@@ -113,7 +113,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 state = state.replace(params=teacher.init_student(state.params, params_sharding))
     start_step = int(state.step)
     best = None
-    if config.objective != "lm" and evaluator is not None:
+    if config.objective not in ("lm", "sft") and evaluator is not None:
         best = best_lib.BestExport(workdir / "best", *objectives.best_metric(config))
 
     # --- Train. -----------------------------------------------------------------------------
@@ -321,7 +321,13 @@ def get_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
             os.remove(f"{tmp}.vocab")
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("tokenizer trained")
-    return load_tokenizer(path)
+    tokenizer = load_tokenizer(path)
+    if config.data.get("chat_template") and tokenizer.chat_template is None:
+        from transformer.data import chat  # A template for a tokenizer that has none.
+
+        tokenizer.chat_template = chat.template_from_file(config.data.chat_template, tokenizer)
+        logging.info("chat template %s (the tokenizer has none)", config.data.chat_template)
+    return tokenizer
 
 
 def check_vocab(model_config: ModelConfig, tokenizer: Tokenizer) -> None:
@@ -360,13 +366,16 @@ def evaluate(
     params: Any,
     tokenizer: Tokenizer,
     batch_sharding: NamedSharding,
+    dataset: Any = None,
 ) -> dict[str, float]:
     """Loss, perplexity and accuracy over the whole eval split (or `eval_steps` batches); the
-    last batch is padded with weight-0 rows, so every token counts exactly once."""
-    dataset = pipeline.create_pretraining_dataset(
-        config.data, config.data.eval_split, tokenizer=tokenizer, train=False,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-    )
+    last batch is padded with weight-0 rows, so every token counts exactly once. `dataset` gives
+    the batches (default: the pretraining pipeline's eval split)."""
+    if dataset is None:
+        dataset = pipeline.create_pretraining_dataset(
+            config.data, config.data.eval_split, tokenizer=tokenizer, train=False,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+        )
     batches = iter(dataset)
     totals, count, template = None, 0, None
     while config.eval_steps is None or count < config.eval_steps:

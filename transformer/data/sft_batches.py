@@ -1,0 +1,121 @@
+"""Batches for supervised fine-tuning: whole conversations packed into rows, assistant-only loss.
+
+Each conversation (`sft.read_sft_jsonl`) is one segment of a row: its positions start at 0 and
+the attention mask (from segment ids) never lets it see another. Unlike pretraining packing, a
+conversation is never cut across rows (its second half would lose the prompt it answers): the rows
+are filled greedily in order, and a conversation that does not fit starts the next row. Targets
+are the next token within the segment, weighted by the conversation's loss weights, so only the
+assistant's tokens (and their end-of-turn token) are learned.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from transformer.data import instructions, sft
+from transformer.data.sources import Report, shard_bounds
+from transformer.data.tokenizer import Tokenizer
+
+ROW_KEYS = ("tokens", "loss_weights", "segment_ids", "positions")
+
+
+def pack_conversations(examples: Sequence[dict[str, np.ndarray]], length: int
+                       ) -> list[dict[str, np.ndarray]]:
+    """Rows of `length` tokens, each holding whole conversations in order (greedy next-fit)."""
+    rows: list[dict[str, np.ndarray]] = []
+    row, fill, segment = None, length, 0
+    for example in examples:
+        n = len(example["tokens"])
+        if n > length:
+            raise ValueError(f"a conversation of {n} tokens does not fit a row of {length}; "
+                             "read_sft_jsonl truncates to max_length: read with the row length")
+        if fill + n > length:
+            row = {"tokens": np.zeros(length, np.int32), "loss_weights": np.zeros(length, np.float32),
+                   "segment_ids": np.zeros(length, np.int32), "positions": np.zeros(length, np.int32)}
+            rows.append(row)
+            fill, segment = 0, 0
+        segment += 1
+        row["tokens"][fill:fill + n] = example["tokens"]
+        row["loss_weights"][fill:fill + n] = example["loss_weights"]
+        row["segment_ids"][fill:fill + n] = segment
+        row["positions"][fill:fill + n] = np.arange(n)
+        fill += n
+    return rows
+
+
+def lm_batch(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """inputs/targets/weights of next-token prediction: target t is token t+1 of the same
+    segment, weighted by that token's loss weight ([..., T] arrays)."""
+    tokens, seg, loss_weights = rows["tokens"], rows["segment_ids"], rows["loss_weights"]
+    targets = np.zeros_like(tokens)
+    targets[..., :-1] = tokens[..., 1:]
+    weights = np.zeros(tokens.shape, np.float32)
+    same = (seg[..., 1:] == seg[..., :-1]) & (seg[..., :-1] > 0)
+    weights[..., :-1] = np.where(same, loss_weights[..., 1:], 0.0)
+    return {"inputs": tokens.astype(np.int32), "targets": np.where(weights > 0, targets, 0),
+            "weights": weights, "segment_ids": seg.astype(np.int32),
+            "positions": rows["positions"].astype(np.int32)}
+
+
+def read_rows(config: ml_collections.ConfigDict, split: str, tokenizer: Tokenizer
+              ) -> tuple[list[dict[str, np.ndarray]], Report]:
+    """Packed rows of the file(s) `config.local_files[split]` (comma-separated): JSONL
+    conversations, or SQuAD questions with `local_format='squad'` (`instructions`); at most
+    `sft_max_examples` of them per file (0 = all)."""
+    files = config.local_files.to_dict()
+    if split not in files:
+        raise KeyError(f"config.data.local_files has no split {split!r} (SFT reads JSONL files "
+                       f"named there); it has {sorted(files)}")
+    paths = files[split].split(",") if isinstance(files[split], str) else list(files[split])
+    report = Report()
+    fmt, limit = config.local_format or "jsonl", config.get("sft_max_examples", 0) or None
+    examples = [
+        e for path in paths for e in sft.sft_examples(
+            instructions.conversations(path.strip(), fmt, on_error=config.on_error, report=report,
+                                       limit=limit),
+            tokenizer, config.max_length, on_error=config.on_error, report=report)]
+    if not examples:
+        raise ValueError(f"SFT split {split!r} ({paths}) has no usable conversation")
+    if config.shuffle:  # Packed neighbours differ from file order; the row order is shuffled too.
+        order = np.random.default_rng(config.seed).permutation(len(examples))
+        examples = [examples[i] for i in order]
+    return pack_conversations(examples, config.max_length), report
+
+
+def create_sft_dataset(
+    config: ml_collections.ConfigDict, split: str, *, tokenizer: Tokenizer,
+    process_index: int = 0, process_count: int = 1, train: bool = True,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of this process's rows: repeated and shuffled for training; for evaluation every
+    row once, the last batch padded with weight-0 rows."""
+    rows, report = read_rows(config, split, tokenizer)
+    if report.counts:
+        logging.info("sft %s: %d rows; %s", split, len(rows), report.summary())
+    start, end = shard_bounds(len(rows), process_index, process_count)
+    size = config.global_batch_size // process_count
+    ds = grain.MapDataset.source(rows[start:end])
+    if train:
+        if len(rows[start:end]) == 0:
+            raise ValueError(f"SFT split {split!r} has {len(rows)} rows: too few for "
+                             f"{process_count} processes")
+        ds = ds.shuffle(seed=config.seed) if config.shuffle else ds
+        ds = ds.repeat(config.num_epochs).to_iter_dataset().batch(size, drop_remainder=False)
+        return iter(ds.map(_full_batch(size)))
+    return iter(_full_batch(size)(b) for b in ds.batch(size, drop_remainder=False))
+
+
+def _full_batch(size: int) -> Any:
+    def finish(stacked: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = stacked["tokens"].shape[0]
+        if n < size:  # The last, short batch: rows of padding (segment 0, weight 0).
+            stacked = {k: np.concatenate([v, np.zeros((size - n, *v.shape[1:]), v.dtype)])
+                       for k, v in stacked.items()}
+        return lm_batch(stacked)
+
+    return finish

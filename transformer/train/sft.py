@@ -1,0 +1,49 @@
+"""Supervised fine-tuning (`objective='sft'`): a decoder learns the assistant turns of chat
+conversations rendered with its tokenizer's chat template (transformer/data/sft.py).
+
+The loss is the causal LM loss of pretraining, on packed rows of whole conversations whose weights
+cover only the assistant's tokens (transformer/data/sft_batches.py). Combined with LoRA
+(`model.lora_rank`), only the adapters train.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+
+from transformer.data import sft_batches
+from transformer.models import ModelConfig
+from transformer.train import flops
+from transformer.train.objectives import Objective, _lm_builder, _lm_loss, _lm_summary, register
+
+
+def _builder(model_config: ModelConfig, config: ml_collections.ConfigDict):
+    if model_config.architecture != "decoder":
+        raise ValueError("objective 'sft' trains a decoder to continue conversations; the model is "
+                         f"an {model_config.architecture} (use a GPT-2, Llama or Mistral model)")
+    return _lm_builder(model_config, config)
+
+
+def _data(config, tokenizer, process_index, process_count):
+    return sft_batches.create_sft_dataset(
+        config.data, config.data.train_split, tokenizer=tokenizer,
+        process_index=process_index, process_count=process_count)
+
+
+def _evaluator(config, tokenizer, graphdef, params_sharding, batch_sharding, **_):
+    from transformer.train import step as step_lib
+    from transformer.train import trainer
+
+    eval_step = step_lib.make_eval_step(graphdef, config, params_sharding, batch_sharding)
+
+    def evaluate(params, step):
+        batches = sft_batches.create_sft_dataset(
+            config.data, config.data.eval_split, tokenizer=tokenizer, train=False,
+            process_index=jax.process_index(), process_count=jax.process_count())
+        return trainer.evaluate(config, eval_step, params, tokenizer, batch_sharding, batches)
+
+    return evaluate
+
+
+register(Objective("sft", ("batch", "length"), _builder, _lm_loss, _lm_summary, _data, _evaluator,
+                   lambda model_config, config, seq_len: flops.lm_head_flops(model_config)))
