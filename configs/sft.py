@@ -61,7 +61,7 @@ def get_config(arg: str = "squad"):
         c.data.local_files.validation = str(locations.sample("squad", "dev-v1.1.json"))
         c.data.sft_max_examples = 40
         c.data.max_length = 128
-        c.data.global_batch_size = 4
+        c.data.global_batch_size = 8
         c.num_train_steps, c.warmup_steps = 6, 2
         c.log_every, c.eval_every, c.checkpoint_every = 2, 3, 3
     return c

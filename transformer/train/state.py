@@ -131,10 +131,12 @@ def create_train_state(
     mesh: Mesh,
     rules: sharding.Rules,
     seed: int,
+    trains: trainable.Predicate | None = None,
+    frozen_dtype: str = "",
 ) -> tuple[TrainState, TrainState, nnx.GraphDef]:
     """(state, its shardings, the model graphdef): created by `jax.jit` directly into its
     sharded layout, so no host ever holds the whole model."""
-    init = make_init_fn(model_config, tx, seed)
+    init = make_init_fn(model_config, tx, seed, trains=trains, frozen_dtype=frozen_dtype)
     abstract = jax.eval_shape(init)
     shardings = state_shardings(abstract, param_shardings(model_config, mesh, rules), mesh)
     with sharding.use_mesh(mesh, rules):
