@@ -178,6 +178,7 @@ def run(config: Any, topology: Topology, num_slices: int = 1,
     A config the trainer would refuse (a batch that does not split) raises ValueError."""
     from transformer import sharding
     from transformer.models import ModelConfig, count_params
+    from transformer.train import trainable
 
     devices = topology_devices(topology, num_slices)
     if per_device_batch:
@@ -200,6 +201,9 @@ def run(config: Any, topology: Topology, num_slices: int = 1,
     state = {"params_bytes": per_device_bytes(abstract_state.params),
              "optimizer_bytes": per_device_bytes(abstract_state.opt_state),
              "batch_bytes": per_device_bytes(batch)}
+    # Gradients exist for the trainable part only (all of it, or LoRA's adapters).
+    trains = trainable.predicate(config)
+    result["grad_bytes"] = per_device_bytes(trainable.split(abstract_state.params, trains)[0])
     try:
         compiled = compile_lowered(lowered)
     except DoesNotFit as error:

@@ -142,7 +142,7 @@ def format_report(report: dict[str, Any]) -> str:
     """A per-device memory table, in GiB, against the chip's HBM."""
     g = lambda key: report[key] / GIB
     rows = [
-        ("parameters (float32)", g("params_bytes")),
+        ("parameters", g("params_bytes")),
         ("optimizer state", g("optimizer_bytes")),
         ("batch", g("batch_bytes")),
         ("compiler: arguments (state + batch)", g("argument_bytes")),

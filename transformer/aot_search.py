@@ -42,9 +42,9 @@ def peak_bytes(report: dict[str, Any]) -> float | None:
 
 def state_bytes(report: dict[str, Any], accumulating: bool) -> int:
     """Per-device bytes that do not shrink with the rows: state, batch, and (accumulating) the
-    float32 gradient sums, sharded like the parameters."""
+    gradient sums of the trainable parameters, sharded like them."""
     fixed = report["params_bytes"] + report["optimizer_bytes"] + report["batch_bytes"]
-    return fixed + (report["params_bytes"] if accumulating else 0)
+    return fixed + (report.get("grad_bytes", report["params_bytes"]) if accumulating else 0)
 
 
 def _point(report: dict[str, Any]) -> tuple[int, float | None, bool]:
