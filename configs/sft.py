@@ -15,10 +15,10 @@ the loss on the assistant's answers only, only the adapters trained.
 
 The run writes WORKDIR/model (our checkpoint, adapters included), WORKDIR/adapter (a Hugging Face
 peft folder: `PeftModel.from_pretrained(base, WORKDIR/adapter)`) and WORKDIR/merged (the adapters
-folded into the weights). A tokenizer without a chat template gets `data.chat_template` ('inst':
-[INST] turns written with its own bos/eos tokens). Variants: default (SQuAD v1.1 under
-$TRANSFORMER_DATA/squad/, 8,000 training questions, 500 held-out), `ci` (a tiny random Llama on
-the repository's SQuAD sample, a few steps).
+folded into the weights). A tokenizer without a chat template gets `data.chat_template` ('plain':
+User:/Assistant: turns ended by its own eos token; 'inst': [INST] turns). Variants: default
+(SQuAD v1.1 under $TRANSFORMER_DATA/squad/, 8,000 training questions, 500 held-out), `ci` (a
+tiny random Llama on the repository's SQuAD sample, a few steps).
 """
 
 from transformer import locations
@@ -31,11 +31,12 @@ def get_config(arg: str = "squad"):
     c.objective = "sft"
     c.init_from = ""  # The decoder checkpoint to adapt (its tokenizer/ is used).
     c.data.tokenizer = ""  # "" = the tokenizer/ of init_from.
-    c.data.chat_template = "inst"  # For a tokenizer without its own template.
+    c.data.chat_template = "plain"  # For a tokenizer without its own template (chat_templates/).
     c.data.local_format = "squad"  # SQuAD questions → conversations (or 'jsonl' conversations).
     c.data.local_files.train = str(locations.dataset("squad", "train-v1.1.reconstructed.json.gz"))
     c.data.local_files.validation = str(locations.dataset("squad", "dev-v1.1.json.gz"))
-    c.data.sft_max_examples = 8000  # Per file; the dev file gives its first 500 below.
+    c.data.sft_max_examples = 8000  # The first training questions ...
+    c.data.sft_max_eval_examples = 500  # ... and held-out (dev) questions.
     c.data.on_error = "skip"  # Questions whose answer is not at its offset: counted, skipped.
     c.data.max_length = 256  # Tokens per packed row; longer conversations are truncated.
     c.data.global_batch_size = 16  # Rows a step.
@@ -59,7 +60,7 @@ def get_config(arg: str = "squad"):
         c.data.tokenizer = str(locations.sample("tokenizers", "mistral_sp32000.model"))
         c.data.local_files.train = str(locations.sample("squad", "train-v1.1.json"))
         c.data.local_files.validation = str(locations.sample("squad", "dev-v1.1.json"))
-        c.data.sft_max_examples = 40
+        c.data.sft_max_examples, c.data.sft_max_eval_examples = 40, 60
         c.data.max_length = 128
         c.data.global_batch_size = 8
         c.num_train_steps, c.warmup_steps = 6, 2

@@ -60,7 +60,8 @@ def default_config() -> ml_collections.ConfigDict:
     # classification, relation; see task_packing). The examples per step are unchanged.
     c.pack_examples = True
     c.pack_row_multiple = 0  # packed rows grow in steps of this (0 = an eighth of the batch)
-    c.sft_max_examples = 0  # sft: conversations read per file (0 = all)
+    c.sft_max_examples = 0  # sft: training conversations read per file (0 = all)
+    c.sft_max_eval_examples = 0  # sft: evaluation conversations read per file (0 = all)
     # sft: a Jinja chat template file for a tokenizer without one ("" = the tokenizer's own)
     c.chat_template = ""
     # Order, batching and parallelism.

@@ -67,14 +67,16 @@ def read_rows(config: ml_collections.ConfigDict, split: str, tokenizer: Tokenize
               ) -> tuple[list[dict[str, np.ndarray]], Report]:
     """Packed rows of the file(s) `config.local_files[split]` (comma-separated): JSONL
     conversations, or SQuAD questions with `local_format='squad'` (`instructions`); at most
-    `sft_max_examples` of them per file (0 = all)."""
+    `sft_max_examples` (training) or `sft_max_eval_examples` of them per file (0 = all)."""
     files = config.local_files.to_dict()
     if split not in files:
         raise KeyError(f"config.data.local_files has no split {split!r} (SFT reads JSONL files "
                        f"named there); it has {sorted(files)}")
     paths = files[split].split(",") if isinstance(files[split], str) else list(files[split])
     report = Report()
-    fmt, limit = config.local_format or "jsonl", config.get("sft_max_examples", 0) or None
+    fmt = config.local_format or "jsonl"
+    key = "sft_max_examples" if split == config.train_split else "sft_max_eval_examples"
+    limit = config.get(key, 0) or None
     examples = [
         e for path in paths for e in sft.sft_examples(
             instructions.conversations(path.strip(), fmt, on_error=config.on_error, report=report,

@@ -132,6 +132,9 @@ class ModelConfig:
         if self.lora_rank < 0:
             raise ValueError(f"ModelConfig.lora_rank={self.lora_rank} must be positive (0 = no "
                              "LoRA)")
+        if self.lora_rank == 0 and resolved:
+            raise ValueError(f"ModelConfig.lora_targets={tuple(resolved)} but lora_rank=0: set a "
+                             "rank (e.g. lora_rank=16) or clear lora_targets")
         if self.lora_rank > 0 and not resolved:
             raise ValueError(f"ModelConfig.lora_rank={self.lora_rank} but lora_targets is empty; "
                              f"name the weights to adapt among {linear}")
