@@ -2,8 +2,8 @@
 
     y = x·W + (α / r) · dropout(x)·A·B,   A: [in, r] (random), B: [r, out] (zeros)
 
-so at initialization the adapted model equals the base model exactly. A weight of ours may span
-several axes on each side (the query projection is [embed | heads, head_dim], the output
+so at initialization the adapted model computes the base model's function (B = 0). A weight of
+ours may span several axes on each side (the query projection is [embed | heads, head_dim], the output
 projection [heads, head_dim | embed]); A takes the input axes and B the output axes, and each
 factor keeps the logical axes (hence the sharding) of the side it replaces. The factors are
 `nnx.LoRAParam`s, a kind of `nnx.Param`: they live in the same state tree, are stacked over
