@@ -76,6 +76,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     tx = layer_decay.with_layer_decay(tx, config.finetune.layer_decay, model_config.num_layers)
     init_fn = train_state.make_run_init_fn(config, model_config, tx, build)
     shapes = jax.eval_shape(init_fn)
+    if (trains := trainable.predicate(config)) is not None:
+        n_train, n_total = trainable.count(shapes.params, trains)
+        logging.info("trainable: %d of %d parameters (%.3f%%): LoRA adapters and "
+                     "finetune.train_also", n_train, n_total, 100 * n_train / n_total)
     params_sharding = train_state.param_shardings(model_config, mesh, rules, build)
     shardings = train_state.state_shardings(shapes, params_sharding, mesh)
     graphdef = nnx.graphdef(train_state.abstract_model(model_config, build))
