@@ -89,30 +89,94 @@ def test_packed_loss_equals_each_conversation_alone(examples):
     np.testing.assert_allclose(packed[0], sum(s for s, _ in alone), rtol=1e-5)
 
 
-def test_sft_recipe_trains_lora_and_exports_peft_and_merged(tmp_path, monkeypatch):
+def test_a_template_given_by_the_config_travels_with_the_tokenizer(tokenizer, tmp_path):
+    import shutil
+
+    shutil.copy(SP_MODEL, tmp_path / SP_MODEL.name)
+    chat.save_template(tokenizer.chat_template, tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    messages = [{"role": "user", "content": "Context: A. Question: B?"}]
+    assert loaded.chat_template.source == tokenizer.chat_template.source
+    assert loaded.chat_template.stop_ids == tokenizer.chat_template.stop_ids
+    assert (loaded.apply_chat_template(messages, add_generation_prompt=True)
+            == tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+
+@pytest.fixture(scope="module")
+def hf_chat_decoder(tmp_path_factory):
+    """A tiny random Hugging Face Llama whose tokenizer folder has the ChatML template, and
+    conversations in the JSONL `messages` form."""
+    import torch
+    import transformers
+
+    from tests.data.chat_folders import SENTENCES, make_family
+
+    root = tmp_path_factory.mktemp("hf_chat")
+    tokenizer_dir = make_family(root / "tokenizer", "chatml")
+    vocab = len(transformers.AutoTokenizer.from_pretrained(tokenizer_dir))
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=False)).eval()
+    folder = root / "hf"
+    model.save_pretrained(folder)
+    for f in tokenizer_dir.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    lines = [json.dumps({"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": SENTENCES[i % 7]},
+        {"role": "assistant", "content": SENTENCES[(i + 1) % 7]}]}) for i in range(24)]
+    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "dev.jsonl").write_text("\n".join(lines[:8]) + "\n")
+    return folder, model, root
+
+
+def test_sft_of_an_imported_decoder_exports_an_adapter_peft_loads(hf_chat_decoder, tmp_path):
+    """The recipe on a Hugging Face decoder (imported, with its own chat template): LoRA trains,
+    and its adapter, loaded by peft onto the transformers model, gives our trained model's logits;
+    the merged model gives them too."""
+    import peft
+    import torch
+    import transformers
+
     from tests.test_recipes import load
-    from transformer import generate
+    from transformer import convert, generate
     from transformer.pretrained import from_pretrained
     from transformer.train import run
 
-    monkeypatch.setenv("TRANSFORMER_CACHE", str(tmp_path / "cache"))
+    folder, hf_model, root = hf_chat_decoder
+    checkpoint = convert.import_hf(folder, tmp_path / "base")
     config = load("sft").get_config("ci")
-    config.async_checkpointing = False
-    result = run.run(config, str(tmp_path))
-    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    config.update_from_flattened_dict({
+        "init_from": str(checkpoint), "data.tokenizer": "", "data.chat_template": "",
+        "data.local_format": "jsonl", "data.local_files.train": str(root / "train.jsonl"),
+        "data.local_files.validation": str(root / "dev.jsonl"), "data.max_length": 64,
+        "async_checkpointing": False})
+    workdir = tmp_path / "run"
+    result = run.run(config, str(workdir))
+    log = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     evals = [r["eval_loss"] for r in log if "eval_loss" in r]
     assert len(evals) >= 2 and evals[-1] < evals[0]
-    assert result["model_config"].lora_rank == 4
-    settings = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert settings["r"] == 4 and "q_proj" in settings["target_modules"]
+    assert result["model_config"].lora_rank == 4 and result["model_config"].hidden_size == 32
+    settings = json.loads((workdir / "adapter" / "adapter_config.json").read_text())
+    assert settings["base_model_name_or_path"] == str(checkpoint)
 
-    tokenizer, model = from_pretrained(tmp_path / "model")
-    _, merged = from_pretrained(tmp_path / "merged")
+    tokenizer, model = from_pretrained(workdir / "model")
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hello, how are you today?"}]
+    ids = generate.prompt_ids(tokenizer, "Hello, how are you today?", chat=True,
+                              system="Be brief.")
+    reference = transformers.AutoTokenizer.from_pretrained(folder).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True)
+    assert ids == list(getattr(reference, "input_ids", reference))
+    peft_model = peft.PeftModel.from_pretrained(hf_model, str(workdir / "adapter")).eval()
+    assert all(float(p.abs().max()) > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)
+    with torch.no_grad():
+        theirs = peft_model(torch.tensor([ids])).logits.numpy()
+    ours = np.asarray(model(jnp.asarray([ids])).logits)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    peft_model.unload()
+    _, merged = from_pretrained(workdir / "merged")
     assert merged.config.lora_rank == 0
-    ids = jnp.asarray([[1, 733, 16289, 28793, 22557, 733, 28748, 16289, 28793]])
-    np.testing.assert_allclose(np.asarray(merged(ids).logits), np.asarray(model(ids).logits),
-                               atol=1e-4)
-    # The template the run used travels with the model: `generate --chat` formats with it.
-    prompt = generate.prompt_ids(tokenizer, "Context: A. Question: B?", chat=True)
-    text = tokenizer.decode(prompt)
-    assert text.startswith("User: Context: A. Question: B?") and text.endswith("Assistant:")
+    np.testing.assert_allclose(np.asarray(merged(jnp.asarray([ids])).logits), ours, atol=1e-4)
