@@ -153,8 +153,8 @@ def test_unsupported_and_stray_adapters_are_refused(peft_trained, tmp_path):
     stray = tmp_path / "stray"
     stray.mkdir()
     (stray / "adapter_config.json").write_text(json.dumps(settings))
-    name = next(iter(tensors))
-    write_safetensors({**tensors, name.replace("layers.0", "layers.7"): tensors[name]},
+    name = next(n for n in sorted(tensors) if ".layers.0." in n)
+    write_safetensors({**tensors, name.replace(".layers.0.", ".layers.7."): tensors[name]},
                       stray / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="fit no layer of the base model"):
         adapters.load_adapter(base, stray)
