@@ -188,6 +188,16 @@ FAMILIES = {
               ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"], "<end_of_turn>"),
 }
 
+# A conversation both the template and the SFT tests use: a system prompt, two exchanges, and text
+# that templates treat differently (leading and trailing whitespace, non-ASCII, markup).
+SYSTEM = {"role": "system", "content": "You are a helpful assistant. Answer briefly."}
+TURNS = [
+    {"role": "user", "content": "Hello, how are you today?"},
+    {"role": "assistant", "content": "I am fine, thank you. How can I help?"},
+    {"role": "user", "content": "  What is the capital of France? (é, <b>&</b>)\n"},
+    {"role": "assistant", "content": " The capital of France is Paris.\n"},
+]
+
 SENTENCES = [
     "You are a helpful assistant. Answer briefly.",
     "Hello, how are you today?",

@@ -17,6 +17,8 @@ from tests.data.chat_folders import (
     GEMMA2,
     LLAMA3,
     SENTENCES,
+    SYSTEM,
+    TURNS,
     byte_bpe,
     make_family,
     write_folder,
@@ -24,13 +26,6 @@ from tests.data.chat_folders import (
 from transformer.data import chat
 from transformer.data.tokenizer import load_tokenizer
 
-SYSTEM = {"role": "system", "content": "You are a helpful assistant. Answer briefly."}
-TURNS = [
-    {"role": "user", "content": "Hello, how are you today?"},
-    {"role": "assistant", "content": "I am fine, thank you. How can I help?"},
-    {"role": "user", "content": "  What is the capital of France? (é, <b>&</b>)\n"},
-    {"role": "assistant", "content": "The capital of France is Paris."},
-]
 CONVERSATIONS = {
     "system_multi_turn": [SYSTEM, *TURNS],
     "system_prompt": [SYSTEM, *TURNS[:3]],

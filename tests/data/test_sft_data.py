@@ -7,18 +7,20 @@ import numpy as np
 import pytest
 import transformers
 
-from tests.data.chat_folders import CHATML, FAMILIES, GEMMA2, byte_bpe, make_family, write_folder
+from tests.data.chat_folders import (
+    CHATML,
+    FAMILIES,
+    GEMMA2,
+    SYSTEM,
+    TURNS,
+    byte_bpe,
+    make_family,
+    write_folder,
+)
 from transformer.data.sft import conversation, read_sft_jsonl, sft_example
 from transformer.data.sources import DataError, Report
 from transformer.data.tokenizer import load_tokenizer
 
-SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
-TURNS = [
-    {"role": "user", "content": "Hello, how are you today?"},
-    {"role": "assistant", "content": "I am fine, thank you."},
-    {"role": "user", "content": "What is the capital of France?"},
-    {"role": "assistant", "content": " The capital of France is Paris.\n"},
-]
 # What each template writes for an assistant turn (after its own trimming), up to its end of turn.
 ASSISTANT_TEXT = {
     "llama3": lambda c: c.strip() + "<|eot_id|>",
