@@ -4,16 +4,12 @@ equal one device; the frozen base can be stored in bfloat16."""
 import jax
 import numpy as np
 import pytest
-from flax import traverse_util
-from jax.sharding import NamedSharding
 
-from tests.train.test_steps import T, make_batches, one_device_mesh, tiny_config
-from transformer import sharding
+from tests.train.test_steps import make_batches, one_device_mesh, setup, tiny_config
+from transformer import model_io, sharding
 from transformer.models import ModelConfig
 from transformer.models import lora as lora_lib
-from transformer.train import optimizer, trainable, trainer
-from transformer.train import state as train_state
-from transformer.train import step as step_lib
+from transformer.train import trainable, trainer
 
 RANK = 4
 
@@ -24,19 +20,6 @@ def lora_config(preset="llama-tiny", **changes):
     if preset == "llama-tiny":
         c.model.num_kv_heads = 2
     return c
-
-
-def setup(config, mesh):
-    rules = [tuple(r) for r in config.logical_axis_rules]
-    model_config = ModelConfig.from_dict(config.model.to_dict())
-    tx, schedule = optimizer.make_optimizer(config)
-    state, shardings, graphdef = train_state.create_train_state(
-        model_config, tx, mesh, rules, config.seed, trainable.predicate(config),
-        config.finetune.frozen_dtype)
-    batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(
-        ("batch", "length"), rules, (config.data.global_batch_size, T), mesh))
-    step = step_lib.make_train_step(graphdef, tx, schedule, config, shardings, batch_sharding)
-    return state, step, batch_sharding, rules
 
 
 def train(config, mesh, batches):
@@ -51,7 +34,7 @@ def train(config, mesh, batches):
 
 
 def flat(tree):
-    return {".".join(map(str, k)): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
+    return {k: np.asarray(v) for k, v in model_io.flat_params(tree).items()}
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from jax.sharding import NamedSharding
 
 from transformer import sharding
 from transformer.models import ModelConfig
-from transformer.train import checkpointing, optimizer, trainer
+from transformer.train import checkpointing, optimizer, trainable, trainer
 from transformer.train import state as train_state
 from transformer.train import step as step_lib
 from transformer.train.config import base_config
@@ -52,7 +52,8 @@ def setup(config, mesh):
     model_config = ModelConfig.from_dict(config.model.to_dict())
     tx, schedule = optimizer.make_optimizer(config)
     state, shardings, graphdef = train_state.create_train_state(
-        model_config, tx, mesh, rules, config.seed)
+        model_config, tx, mesh, rules, config.seed, trainable.predicate(config),
+        config.finetune.frozen_dtype)
     batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(
         ("batch", "length"), rules, (config.data.global_batch_size, T), mesh))
     step = step_lib.make_train_step(graphdef, tx, schedule, config, shardings, batch_sharding)

@@ -18,7 +18,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from transformer.data import instructions, sft
+from transformer.data import instructions, packing, pipeline, sft
 from transformer.data.sources import Report, shard_bounds
 from transformer.data.tokenizer import Tokenizer
 
@@ -36,8 +36,8 @@ def pack_conversations(examples: Sequence[dict[str, np.ndarray]], length: int
             raise ValueError(f"a conversation of {n} tokens does not fit a row of {length}; "
                              "read_sft_jsonl truncates to max_length: read with the row length")
         if fill + n > length:
-            row = {"tokens": np.zeros(length, np.int32), "loss_weights": np.zeros(length, np.float32),
-                   "segment_ids": np.zeros(length, np.int32), "positions": np.zeros(length, np.int32)}
+            row = {k: np.zeros(length, np.float32 if k == "loss_weights" else np.int32)
+                   for k in ROW_KEYS}
             rows.append(row)
             fill, segment = 0, 0
         segment += 1
@@ -50,17 +50,12 @@ def pack_conversations(examples: Sequence[dict[str, np.ndarray]], length: int
 
 
 def lm_batch(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """inputs/targets/weights of next-token prediction: target t is token t+1 of the same
-    segment, weighted by that token's loss weight ([..., T] arrays)."""
-    tokens, seg, loss_weights = rows["tokens"], rows["segment_ids"], rows["loss_weights"]
-    targets = np.zeros_like(tokens)
-    targets[..., :-1] = tokens[..., 1:]
-    weights = np.zeros(tokens.shape, np.float32)
-    same = (seg[..., 1:] == seg[..., :-1]) & (seg[..., :-1] > 0)
-    weights[..., :-1] = np.where(same, loss_weights[..., 1:], 0.0)
-    return {"inputs": tokens.astype(np.int32), "targets": np.where(weights > 0, targets, 0),
-            "weights": weights, "segment_ids": seg.astype(np.int32),
-            "positions": rows["positions"].astype(np.int32)}
+    """inputs/targets/weights of next-token prediction within each segment (as pretraining's
+    `packing.causal_lm_batch`), each target weighted by that token's loss weight."""
+    batch = packing.causal_lm_batch(rows)
+    next_weights = np.zeros_like(batch["weights"])
+    next_weights[..., :-1] = rows["loss_weights"][..., 1:]
+    return {**batch, "weights": batch["weights"] * next_weights}
 
 
 def read_rows(config: ml_collections.ConfigDict, split: str, tokenizer: Tokenizer
@@ -113,11 +108,5 @@ def create_sft_dataset(
 
 
 def _full_batch(size: int) -> Any:
-    def finish(stacked: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = stacked["tokens"].shape[0]
-        if n < size:  # The last, short batch: rows of padding (segment 0, weight 0).
-            stacked = {k: np.concatenate([v, np.zeros((size - n, *v.shape[1:]), v.dtype)])
-                       for k, v in stacked.items()}
-        return lm_batch(stacked)
-
-    return finish
+    """Stacked rows → a batch of `size` rows, a short last one padded with rows of segment 0."""
+    return lambda stacked: lm_batch(pipeline.pad_batch(stacked, size))

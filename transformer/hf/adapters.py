@@ -73,9 +73,9 @@ def factor_specs(base: mapping.Spec, num_inputs: int, rank: int) -> FactorSpecs:
     )
 
 
-def target_specs(config: ModelConfig, prefix: str, rank: int) -> dict[str, FactorSpecs]:
+def target_specs(family: families.Family, config: ModelConfig, prefix: str, rank: int
+                 ) -> dict[str, FactorSpecs]:
     """FactorSpecs of every weight a LoRA target can name, for a model of `config`."""
-    family = families.family_for_config(config.replace(lora_rank=0, lora_targets=()))
     base = family.specs(config, prefix)
     return {t: factor_specs(base[p], LORA_TARGETS[t], rank)
             for t, p in TARGET_PATHS.items() if p in base}
@@ -104,9 +104,9 @@ def adapter_tensors(model: Encoder | Decoder) -> tuple[dict[str, Any], dict[str,
     config = model.config
     if config.lora_rank <= 0:
         raise ValueError("the model has no LoRA adapters (model.lora_rank=0): nothing to export")
-    family = families.family_for_config(config.replace(lora_rank=0, lora_targets=()))
+    family = families.family_for_config(config)
     r = config.lora_rank
-    specs = target_specs(config, family.export_prefix(config), r)
+    specs = target_specs(family, config, family.export_prefix(config), r)
     params = {k: np.asarray(jax.device_get(v), np.float32)
               for k, v in model_io.flat_params(nnx.state(model, nnx.Param)).items()}
     factors = {t: (params[TARGET_PATHS[t] + "_lora.a"], params[TARGET_PATHS[t] + "_lora.b"])
@@ -212,7 +212,7 @@ def load_adapter(model: Encoder | Decoder, folder: str | pathlib.Path) -> Encode
     rank = int(settings["r"])
     family = families.family_for_config(config)
     prefix = _peft_prefix(names, family, config, rank)
-    specs = target_specs(config, prefix, rank)
+    specs = target_specs(family, config, prefix, rank)
     targets = [t for t, s in specs.items() if PEFT_PREFIX + s.a.names[0] in names]
     if not targets:
         raise ValueError(f"{folder}/{WEIGHTS_FILE} adapts none of this {family.name} model's "
@@ -245,7 +245,7 @@ def load_adapter(model: Encoder | Decoder, folder: str | pathlib.Path) -> Encode
 def _peft_prefix(names: set[str], family: families.Family, config: ModelConfig, rank: int) -> str:
     """The base model's name prefix the adapter was saved under (e.g. 'model.' or 'bert.')."""
     for prefix in (*family.prefixes, family.export_prefix(config)):
-        specs = target_specs(config, prefix, rank)
+        specs = target_specs(family, config, prefix, rank)
         if any(PEFT_PREFIX + s.a.names[0] in names for s in specs.values()):
             return prefix
     raise ValueError(f"the adapter's tensors are not named as peft names {family.name} modules "
