@@ -10,11 +10,13 @@ Rerunning the command resumes from the last checkpoint (and, once finished, only
 samples again).
 """
 
+from configs import variants
 from configs.bundled_corpus import use_bundled_corpus
 from transformer.train.config import base_config
 
 
 def get_config(arg: str = ""):
+    variants.parse(arg, ["ci"], "demo")
     c = base_config("gpt2-tiny")
     # A ~5M-parameter GPT: 4 pre-LN layers of width 256, RoPE-free learned positions.
     c.model.hidden_size = 256

@@ -18,6 +18,7 @@ benchmarks/distill.py runs all three SST-2 runs and measures the speed-up.
 import importlib.util
 import pathlib
 
+from configs.variants import parse as parse_variants
 from transformer.train.distill import default_config
 
 
@@ -30,7 +31,7 @@ def _glue(arg):
 
 
 def get_config(arg: str = "sst2"):
-    variants = [a for a in arg.split(",") if a] or ["sst2"]
+    variants = parse_variants(arg, ["sst2", "ci", "control"], "distill") or ["sst2"]
     c = _glue("sst2,ci" if "ci" in variants else "sst2")  # Data, optimizer, schedule, evaluation.
     tiny_tokenizer = c.data.tokenizer
     c.objective = "distill_classification"  # The student learns the task's labels and the teacher.

@@ -16,6 +16,7 @@ Variants (comma-separated): `sst2` (local TSVs in $TRANSFORMER_DATA/sst2/, the d
 import os
 import pathlib
 
+from configs.variants import parse as parse_variants
 from transformer import locations
 from transformer.train.config import epoch_schedule, finetune_config, tiny_finetune
 
@@ -31,7 +32,7 @@ TRAIN_SIZES = {"sst2": 67349, "cola": 8551, "qnli": 104743, "mnli": 392702}
 
 
 def get_config(arg: str = "sst2"):
-    variants = [a for a in arg.split(",") if a] or ["sst2"]
+    variants = parse_variants(arg, [*TASKS, *(f"{t}_tfds" for t in TASKS), "ci"], "glue") or ["sst2"]
     name = next((v for v in variants if v.removesuffix("_tfds") in TASKS), "sst2")
     glue = name.removesuffix("_tfds")
     task, folder, eval_file, epochs = TASKS[glue]

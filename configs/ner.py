@@ -15,6 +15,7 @@ from the training split), and `ci` (a tiny random model, a few steps, on the
 repository's WNUT-17 sample).
 """
 
+from configs.variants import parse as parse_variants
 from transformer import locations
 from transformer.train.config import epoch_schedule, finetune_config, tiny_finetune
 
@@ -29,7 +30,7 @@ CORPORA = {  # task: (train, validation, test, training sentences)
 
 
 def get_config(arg: str = "conll2003"):
-    variants = [a for a in arg.split(",") if a] or ["conll2003"]
+    variants = parse_variants(arg, [*CORPORA, "ci", "custom"], "ner") or ["conll2003"]
     name = next((v for v in variants if v in CORPORA), "conll2003")
     if "ci" in variants:  # CoNLL-2003 may not be redistributed: the sample is WNUT-17's.
         name = "wnut17"

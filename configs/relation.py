@@ -14,12 +14,13 @@ data.on_error=skip, is counted and reported). Variants: `semeval` (default:
 $TRANSFORMER_DATA/relation/), `ci` (a tiny random model on the repository's SemEval sample).
 """
 
+from configs.variants import parse as parse_variants
 from transformer import locations
 from transformer.train.config import epoch_schedule, finetune_config, tiny_finetune
 
 
 def get_config(arg: str = "semeval"):
-    variants = [a for a in arg.split(",") if a]
+    variants = parse_variants(arg, ["semeval", "ci"], "relation")
     c = finetune_config("relation", "semeval2010_task8")
     c.init_from = ""  # Our model checkpoint to fine-tune (python -m transformer.convert import).
     c.data.local_format = "semeval"  # The release format: id + quoted sentence, label, comment.

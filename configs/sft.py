@@ -21,12 +21,13 @@ User:/Assistant: turns ended by its own eos token; 'inst': [INST] turns). Varian
 tiny random Llama on the repository's SQuAD sample, a few steps).
 """
 
+from configs.variants import parse as parse_variants
 from transformer import locations
 from transformer.train.config import base_config
 
 
 def get_config(arg: str = "squad"):
-    variants = [a for a in arg.split(",") if a]
+    variants = parse_variants(arg, ["squad", "ci"], "sft")
     c = base_config("llama-tiny")
     c.objective = "sft"
     c.init_from = ""  # The decoder checkpoint to adapt (its tokenizer/ is used).

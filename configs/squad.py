@@ -14,12 +14,13 @@ data.on_error=raise to stop at the first one instead. Variants: `squad`
 (default: $TRANSFORMER_DATA/squad/), `ci` (a tiny random model on the repository's SQuAD sample).
 """
 
+from configs.variants import parse as parse_variants
 from transformer import locations
 from transformer.train.config import epoch_schedule, finetune_config, tiny_finetune
 
 
 def get_config(arg: str = "squad"):
-    variants = [a for a in arg.split(",") if a]
+    variants = parse_variants(arg, ["squad", "ci"], "squad")
     c = finetune_config("qa", "squad")
     c.init_from = ""  # Our model checkpoint to fine-tune (python -m transformer.convert import).
     c.data.local_format = "squad"  # SQuAD v1.1 JSON (gzip or plain).

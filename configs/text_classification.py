@@ -16,12 +16,13 @@ By default it reads the SST-2 TSVs in $TRANSFORMER_DATA/sst2/ as a generic file.
 `ci` (a tiny random model on the repository's SST-2 sample).
 """
 
+from configs.variants import parse as parse_variants
 from transformer import locations
 from transformer.train.config import finetune_config, tiny_finetune
 
 
 def get_config(arg: str = "base"):
-    variants = [a for a in arg.split(",") if a]
+    variants = parse_variants(arg, ["base", "ci"], "text_classification")
     c = finetune_config("classification", "text_classification")  # Not registered: defined here.
     c.init_from = ""  # Our model checkpoint to fine-tune (python -m transformer.convert import).
     c.data.local_format = "tsv"  # csv, tsv (a header row names the columns) or jsonl.

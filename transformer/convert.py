@@ -64,9 +64,11 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
+
+    from transformer import cli
 
     flags.DEFINE_string("hf_dir", None, "import: a local Hugging Face folder (config + safetensors)")
     flags.DEFINE_string("checkpoint", None, "export: a checkpoint directory written by save_model")
     flags.DEFINE_string("output", None, "the directory to write")
-    app.run(main)
+    cli.run(main)

@@ -20,12 +20,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
-from absl import app, flags  # noqa: E402
-from absl import logging as absl_logging  # noqa: E402
+from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from transformer import cli  # noqa: E402
 from transformer.locations import enable_compilation_cache  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The recipe the model was trained with.")
@@ -87,8 +87,6 @@ def evaluate_checkpoint(
 
 def main(argv: list[str]) -> None:
     del argv
-    if not flags.FLAGS["verbosity"].present:
-        absl_logging.set_verbosity(absl_logging.WARNING)
     enable_compilation_cache()
     results = evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value, _SPLIT.value, _OUTPUT.value)
     if jax.process_index() == 0:
@@ -96,4 +94,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

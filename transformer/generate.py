@@ -93,11 +93,12 @@ def main(argv: Sequence[str]) -> None:
     enable_compilation_cache()
     tokenizer, model = from_pretrained(FLAGS.checkpoint, quantize=FLAGS.quantize)
     if tokenizer is None:
-        raise SystemExit(f"{FLAGS.checkpoint} has no tokenizer files; generation needs them")
+        raise FileNotFoundError(f"{FLAGS.checkpoint} has no tokenizer files; generation needs "
+                                "them (export the model with its tokenizer)")
     try:
         ids = prompt_ids(tokenizer, FLAGS.prompt, chat=FLAGS.chat, system=FLAGS.system)
     except ValueError as error:  # no chat template, or one that refuses the messages
-        raise SystemExit(f"{FLAGS.checkpoint}: {error}") from None
+        raise ValueError(f"{FLAGS.checkpoint}: {error}") from None
     stop = None if FLAGS.stop_ids is None else [int(i) for i in FLAGS.stop_ids]
     config = sampling_config(tokenizer, max_new_tokens=FLAGS.max_new_tokens,
                              temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
@@ -108,7 +109,9 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
+
+    from transformer import cli
 
     flags.DEFINE_string("checkpoint", None, "our checkpoint directory or a Hugging Face folder")
     flags.DEFINE_enum("quantize", None, ["int8", "int4"],
@@ -125,4 +128,4 @@ if __name__ == "__main__":
     flags.DEFINE_list("stop_ids", None, "token ids that end generation (default: the tokenizer's "
                       "EOS; with --chat the template's end-of-turn ids)")
     flags.mark_flags_as_required(["checkpoint", "prompt"])
-    app.run(main)
+    cli.run(main)

@@ -13,8 +13,9 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app, flags  # noqa: E402
-from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from transformer import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/demo.py:ci")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
@@ -46,8 +47,6 @@ def _flatten_keys(tree: dict, prefix: str = "") -> list[str]:
 
 def main(argv: list[str]) -> None:
     del argv
-    if not flags.FLAGS["verbosity"].present:  # Library INFO logs (orbax) only when asked for.
-        absl_logging.set_verbosity(absl_logging.WARNING)
     from transformer.locations import enable_compilation_cache
     from transformer.train import run
 
@@ -72,10 +71,9 @@ def entry() -> None:
     if spec:
         try:
             check_overrides(sys.argv[1:], load_recipe(spec))
-        except app.UsageError as error:
-            print(f"FATAL: {error}", file=sys.stderr)
-            sys.exit(2)
-    app.run(main)
+        except cli.USER_ERRORS as error:
+            cli.fail(error)
+    cli.run(main)
 
 
 if __name__ == "__main__":

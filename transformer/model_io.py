@@ -122,6 +122,11 @@ def save_model(
 def read_config(directory: str | os.PathLike) -> ModelConfig:
     path = paths.as_path(directory) / CONFIG_FILE
     if not path.is_file():
+        if (path.parent / "config.json").is_file():  # A Hugging Face folder, not ours.
+            raise FileNotFoundError(
+                f"{directory} is a Hugging Face folder, not a model checkpoint of ours: convert it "
+                f"once with `python -m transformer.convert import --hf_dir={directory} "
+                "--output=DIR` and use DIR")
         raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}: not a model checkpoint directory")
     saved = json.loads(path.read_text())
     if "quantization" in saved:  # Written by transformer.quantize.save_quantized.

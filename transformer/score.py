@@ -39,7 +39,10 @@ def read_texts(texts: Sequence[str] | None, file: str | None) -> list[str]:
         lines = pathlib.Path(file).read_text(encoding="utf-8").splitlines()
         out += [line for line in lines if line.strip()]
     if not out:
-        raise SystemExit("nothing to score: give --text or --file")
+        raise ValueError("nothing to score: give --text or --file")
+    if empty := [i for i, text in enumerate(out, start=1) if not text.strip()]:
+        raise ValueError(f"text {empty[0]} is empty: an empty text has no tokens to score; "
+                         "drop it or give it some text")
     return out
 
 
@@ -54,14 +57,17 @@ def main(argv: Sequence[str]) -> None:
     enable_compilation_cache()
     tokenizer, model = from_pretrained(FLAGS.checkpoint, quantize=FLAGS.quantize)
     if tokenizer is None:
-        raise SystemExit(f"{FLAGS.checkpoint} has no tokenizer files; scoring text needs them")
+        raise FileNotFoundError(f"{FLAGS.checkpoint} has no tokenizer files; scoring text needs "
+                                "them (export the model with its tokenizer)")
     texts = read_texts(FLAGS.text, FLAGS.file)
     report(tokenizer, score_texts(tokenizer, model, texts, batch_size=FLAGS.batch_size),
            per_token=FLAGS.per_token)
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
+
+    from transformer import cli
 
     flags.DEFINE_string("checkpoint", None, "our checkpoint directory or a Hugging Face folder")
     flags.DEFINE_enum("quantize", None, ["int8", "int4"],
@@ -71,4 +77,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("batch_size", 8, "texts per forward pass")
     flags.DEFINE_bool("per_token", False, "also print each token's log-probability")
     flags.mark_flag_as_required("checkpoint")
-    app.run(main)
+    cli.run(main)

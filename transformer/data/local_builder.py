@@ -54,6 +54,27 @@ def _feature_of(key: str, value: Any, where: str):
     raise DataError(f"{where}: field {key!r} has unsupported value {value!r} (use str, number, list)")
 
 
+def check_value(key: str, value: Any, feature: Any, where: str) -> None:
+    """A record's value must have its column's type (taken from the first record): else TFDS would
+    fail with a bare TypeError (null) or silently cast (label 1.5 stored as 1)."""
+    if value is None:
+        raise DataError(f"{where}: field {key!r} is null; give it a value or drop the record")
+    dtype = getattr(feature, "np_dtype", None)
+    kind = np.dtype(dtype).kind if dtype is not None and dtype is not object else None
+    ok = {"b": isinstance(value, bool), "i": isinstance(value, int) and not isinstance(value, bool),
+          "f": isinstance(value, int | float) and not isinstance(value, bool)}.get(kind, True)
+    if isinstance(feature, tfds.features.Text):
+        ok = isinstance(value, str)
+    elif isinstance(feature, tfds.features.Sequence):
+        ok = isinstance(value, list) and None not in value
+    if not ok:
+        expected = "text" if isinstance(feature, tfds.features.Text) else (
+            "a list" if isinstance(feature, tfds.features.Sequence) else np.dtype(dtype).name)
+        raise DataError(f"{where}: field {key!r} is {value!r} ({type(value).__name__}), but the "
+                        f"column holds {expected} (as in the first record); make the column's "
+                        "values one type")
+
+
 def features_for(fmt: str, first: dict[str, Any] | None) -> tfds.features.FeaturesDict:
     """The TFDS features of a format; jsonl/csv/tsv take their fields from the first record."""
     fixed = {
@@ -109,7 +130,9 @@ class LocalDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             records = readers.read_records(
                 path, self._fmt, on_error=self._on_error, report=report, **dict(self._options)
             )
-            for example in records:
+            for number, example in enumerate(records):
+                if number == 0 and self._fmt in ("csv", "tsv"):
+                    self._check_columns(path, example, keys)
                 missing = [k for k in keys if k not in example]
                 if missing:
                     handle(
@@ -117,8 +140,24 @@ class LocalDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                         self._on_error, report, "missing_fields",
                     )
                     continue
+                try:
+                    for k in keys:
+                        check_value(k, example[k], self._features[k], example.get("source", path))
+                except DataError as e:
+                    handle(e, self._on_error, report, "bad_values")
+                    continue
                 yield index, {k: example[k] for k in keys}
                 index += 1
+
+
+    def _check_columns(self, path: str, example: dict[str, Any], keys: list[str]) -> None:
+        """Every file of a CSV/TSV dataset has the first file's columns: a label column missing
+        from one file is that file's error, not a later one of another split."""
+        first = next(f for files in self._split_files.values() for f in files)
+        have, want = sorted(set(example) - {"source"}), sorted(set(keys) - {"source"})
+        if have != want:
+            raise DataError(f"{path}: columns {have} differ from those of {first}: {want}; "
+                            "every file of the dataset needs the same header")
 
 
 @dataclasses.dataclass

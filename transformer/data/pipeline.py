@@ -105,10 +105,16 @@ def per_process_batch(config: ml_collections.ConfigDict, process_count: int) -> 
     return config.global_batch_size // process_count
 
 
-def _records(config, split, process_index, process_count, train, fmt=None) -> grain.MapDataset:
+def _records(config, split, process_index, process_count, train, fmt=None,
+             min_records: int = 0) -> grain.MapDataset:
     ds = grain.MapDataset.source(open_source(config, split, fmt))
     start, end = sources.shard_bounds(len(ds), process_index, process_count)
     ds = ds[start:end]
+    if len(ds) < min_records:  # E.g. 3 training records and a batch of 8.
+        raise ValueError(
+            f"split {split!r} holds {len(ds)} records for this process, fewer than its batch of "
+            f"{min_records} (data.global_batch_size={config.global_batch_size}): every batch would "
+            "repeat records; lower data.global_batch_size or give more data")
     if train:
         if config.shuffle:
             ds = ds.shuffle(seed=config.seed)
@@ -232,9 +238,11 @@ def create_task_dataset(
     """Shuffled, repeated training batches of `config.task` (see `tasks` for the format),
     packed into rows (`task_packing`) in steps of `pack_row_multiple` rows when given."""
     pre = _preprocessor(config, tokenizer)
-    ds = _records(config, split, process_index, process_count, True, pre.task.local_format)
+    batch = per_process_batch(config, process_count)
+    ds = _records(config, split, process_index, process_count, True, pre.task.local_format,
+                  min_records=batch)
     ds = FlatMapIterDataset(ds.map(pre).to_iter_dataset(), _Flatten())
-    ds = ds.batch(per_process_batch(config, process_count), drop_remainder=True)
+    ds = ds.batch(batch, drop_remainder=True)
     if pack_row_multiple:
         ds = ds.map(functools.partial(task_packing.pack_task_batch, row_multiple=pack_row_multiple))
     return _finish(ds, config)

@@ -2,11 +2,14 @@
 
 Each reader yields plain dicts whose `source` is "file:line" of the record, so later errors (a
 label outside the label set) can still name where the record came from. Files are read as bytes
-and decoded per line, so a non-UTF-8 byte is reported at its line.
+and decoded per line, so a non-UTF-8 byte is reported at its line; a UTF-8 byte-order mark (as
+Excel writes) is dropped. CSV records follow the `csv` module's rules: a quoted field may span
+lines.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import json
@@ -25,12 +28,40 @@ def _open(path: pathlib.Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
+def _raw_lines(fh) -> Iterator[tuple[int, bytes]]:
+    for number, raw in enumerate(fh, start=1):
+        raw = raw.rstrip(b"\r\n")
+        yield number, raw.removeprefix(codecs.BOM_UTF8) if number == 1 else raw
+
+
+def _csv_records(fh) -> Iterator[list[tuple[int, bytes]]]:
+    """The raw lines of each CSV record: the `csv` module decides where a record ends, so a quoted
+    field may hold line breaks. (Decoding errors are reported later, by `_decode`.)"""
+    taken: list[tuple[int, bytes]] = []
+
+    def lines():
+        for number, raw in _raw_lines(fh):
+            taken.append((number, raw))
+            yield raw.decode("utf-8", errors="replace") + "\n"
+
+    for _ in csv.reader(lines()):
+        record = taken[:]
+        taken.clear()
+        if any(raw.strip() for _, raw in record):
+            yield record
+    if taken:  # An unclosed quote at the end of the file.
+        yield taken
+
+
 def _raw_records(path: pathlib.Path, grouping: str) -> Iterator[list[tuple[int, bytes]]]:
-    """Groups raw lines: 'line' (each non-blank line), 'block' (blank-line separated), 'file'."""
+    """Groups raw lines: 'line' (each non-blank line), 'block' (blank-line separated), 'file',
+    'csv' (the lines of each CSV record)."""
     group: list[tuple[int, bytes]] = []
     with _open(path) as fh:
-        for number, raw in enumerate(fh, start=1):
-            raw = raw.rstrip(b"\r\n")
+        if grouping == "csv":
+            yield from _csv_records(fh)
+            return
+        for number, raw in _raw_lines(fh):
             blank = not raw.strip()
             if grouping == "line":
                 if not blank:
@@ -122,8 +153,12 @@ def _jsonl(path, lines, state, fields: dict[str, type] | None = None):
 
 
 def _delimited(path, lines, state, delimiter: str = ",", columns: list[str] | None = None):
-    ((number, line),) = lines
-    row = next(csv.reader([line], delimiter=delimiter, quoting=_quoting(delimiter)))
+    number = lines[0][0]
+    try:
+        row = next(csv.reader([t + "\n" for _, t in lines], delimiter=delimiter,
+                              quoting=_quoting(delimiter)))
+    except csv.Error as e:
+        raise DataError(f"{path}:{number}: malformed CSV record ({e})") from None
     header = state.get("header")
     if header is None:
         state["header"] = header = list(columns) if columns else row
@@ -131,6 +166,8 @@ def _delimited(path, lines, state, delimiter: str = ",", columns: list[str] | No
             raise DataError(f"{path}:{number}: repeated column names {header}")
         if not columns:
             return
+    if not any(field.strip() for field in row):
+        return  # A row of empty fields, as spreadsheets write below the data.
     if len(row) != len(header):
         raise DataError(
             f"{path}:{number}: {len(row)} fields, expected {len(header)} ({header})"
@@ -232,7 +269,7 @@ Parser = Callable[..., Iterator[dict[str, Any]]]
 FORMATS: dict[str, tuple[str, Parser]] = {
     "text": ("file", _text),
     "jsonl": ("line", _jsonl),
-    "csv": ("line", _delimited),
+    "csv": ("csv", _delimited),
     "tsv": ("line", lambda p, ls, s, **kw: _delimited(p, ls, s, **{"delimiter": "\t", **kw})),
     "conll": ("block", _conll),
     "squad": ("file", _squad),

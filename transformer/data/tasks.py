@@ -115,8 +115,16 @@ class Preprocessor:
             handle(e, self.on_error, self.report, f"bad_{self.task.kind}_example")
             return []
 
+    def field(self, example: dict[str, Any], key: str, setting: str) -> Any:
+        """`example[key]`, or an error naming the config setting and the columns there are."""
+        if key not in example:
+            columns = sorted(k for k in example if k != "source")
+            raise DataError(f"{example.get('source', '?')}: no column {key!r} ({setting}); the "
+                            f"records have {columns}: name one of them in {setting}")
+        return example[key]
+
     def label_index(self, example: dict[str, Any]) -> int:
-        value = example[self.task.label_key]
+        value = self.field(example, self.task.label_key, "finetune.label_key")
         names = self.task.label_names
         if isinstance(value, str) and value in names:
             return names.index(value)
@@ -142,7 +150,9 @@ class Preprocessor:
 
     def _classification(self, example):
         label = self.label_index(example)
-        texts = [example[k] for k in self.task.text_keys]
+        texts = [self.field(example, k, "finetune.text_keys") for k in self.task.text_keys]
+        if empty := [k for k, text in zip(self.task.text_keys, texts) if not str(text).strip()]:
+            raise DataError(f"{example.get('source', '?')}: empty text in column {empty[0]!r}")
         encs = [e.ids for e in self.tokenizer.batch_encode(texts)]
         a, b = encs[0], (encs[1] if len(encs) > 1 else None)
         budget = self.max_length - self.tokenizer.num_special_tokens(pair=b is not None)

@@ -30,6 +30,10 @@ class SamplingConfig:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.temperature == 0 and (self.top_k or self.top_p < 1):
+            raise ValueError(
+                f"top_k={self.top_k} / top_p={self.top_p} have no effect with temperature=0 "
+                "(greedy decoding): set a temperature > 0 to sample, or leave top_k and top_p out")
 
 
 def top_k_mask(logits: jax.Array, k: int) -> jax.Array:

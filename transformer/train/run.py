@@ -15,9 +15,24 @@ from transformer.inference import SamplingConfig, generate
 from transformer.train import best as best_lib
 from transformer.train import plots, trainer
 
+PREEMPTED = 75  # Exit status after a SIGTERM stop (EX_TEMPFAIL): rerun to resume.
+
+
+class Preempted(SystemExit):
+    """Raised after a SIGTERM stop was saved: the run is not finished, so nothing is exported."""
+
+    def __init__(self, step: int):
+        super().__init__(PREEMPTED)
+        self.step = step
+
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     result = trainer.train_and_evaluate(config, workdir)
+    if (step := result["preempted_at"]) is not None:
+        if jax.process_index() == 0:
+            print(f"preempted at step {step}: checkpoint saved; rerun the same command to resume "
+                  f"(exit status {PREEMPTED})", flush=True)
+        raise Preempted(step)
     config = result["config"]  # With `init_from` resolved (architecture, tokenizer).
     workdir = paths.absolute(workdir)
     model = nnx.merge(result["graphdef"], result["state"].params)
@@ -116,7 +131,8 @@ def write_samples(
     stop = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
     sampling = SamplingConfig(
         max_new_tokens=samples.max_new_tokens, temperature=samples.temperature,
-        top_k=samples.top_k, stop_tokens=stop, pad_id=tokenizer.pad_id or 0,
+        top_k=samples.top_k if samples.temperature > 0 else 0,  # Greedy ignores top_k.
+        stop_tokens=stop, pad_id=tokenizer.pad_id or 0,
     )
     out = generate(model, prompts, sampling, rng=jax.random.key(0), mesh=mesh, rules=rules)
     texts = [

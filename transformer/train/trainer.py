@@ -52,6 +52,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     supplies the model, the batches, the loss and the evaluation; this loop knows none of them.
     """
     # --- Set-up: processes, workdir, configs. -------------------------------------------------
+    check_values(config)
     distributed.initialize(config)
     workdir = prepare_workdir(workdir)
     config = resolve_config(config)
@@ -126,7 +127,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     flops_per_token = flops.flops_per_token(model_config, seq_len, head_flops)
     peak = flops.peak_flops(jax.devices()[0], config.peak_flops) * jax.device_count()
     preempted = install_sigterm_handler()
-    pending, last_metrics = None, {}
+    pending, last_metrics, preempted_at = None, {}, None
     clock = Throughput(flops_per_token, peak)
     shapes = CompiledShapes()
     with sharding.use_mesh(mesh, rules), log:  # The log is closed (and flushed) on errors too.
@@ -159,6 +160,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             if stop_requested(preempted, step, config.preemption_check_every):
                 checkpointer.save(step + 1, state, train_iter, config.to_dict(), force=True)
                 log.message(f"SIGTERM: saved a checkpoint at step {step + 1}; exiting")
+                preempted_at = step + 1
                 break
         if pending is not None:  # The last step's metrics.
             check_finite(pending[1], config.max_bad_steps, pending[0])
@@ -170,7 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     checkpointer.close()
     return {"state": state, "metrics": last_metrics, "tokenizer": tokenizer, "config": config,
             "model_config": model_config, "graphdef": graphdef, "mesh": mesh, "rules": rules,
-            "best": None if best is None else best.record}
+            "best": None if best is None else best.record, "preempted_at": preempted_at}
 
 
 class Throughput:
@@ -281,6 +283,24 @@ def prepare_remote_workdir(path: epath.Path) -> epath.Path:
             f"--workdir {path}: cannot write there ({type(error).__name__}: {error}); check the "
             "bucket name and that this machine's credentials may write to it") from error
     return path
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+    """Values no run can use, caught before anything is built (else: a random model "finishes"
+    after -5 steps, a negative learning rate climbs the loss)."""
+    problems = []
+    if config.num_train_steps < 1:
+        problems.append(f"num_train_steps={config.num_train_steps} (must be at least 1)")
+    if config.data.global_batch_size < 1:
+        problems.append(f"data.global_batch_size={config.data.global_batch_size} (must be at least 1)")
+    if not config.learning_rate >= 0:
+        problems.append(f"learning_rate={config.learning_rate} (must be >= 0)")
+    for name, least in (("log_every", 1), ("checkpoint_every", 1), ("grad_accum_steps", 1),
+                        ("eval_every", 0)):
+        if config.get(name) is not None and config[name] < least:
+            problems.append(f"{name}={config[name]} (must be at least {least})")
+    if problems:
+        raise ValueError("bad config value(s): " + "; ".join(problems))
 
 
 def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
