@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from transformer import model_io, score
@@ -149,6 +150,20 @@ def test_a_hugging_face_folder_where_ours_is_expected_names_the_conversion(tmp_p
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(FileNotFoundError, match="is a Hugging Face folder.*transformer.convert import"):
         model_io.read_config(tmp_path)
+
+
+def test_a_truncated_safetensors_file_is_named(tmp_path):
+    from safetensors.numpy import save_file
+
+    from transformer.hf.safetensors_io import SafetensorsReader
+
+    save_file({"w": np.ones((64, 64), np.float32)}, tmp_path / "whole.safetensors")
+    data = (tmp_path / "whole.safetensors").read_bytes()
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"model/model.safetensors: not a readable safetensors "
+                                         r"file .*truncated"):
+        SafetensorsReader(tmp_path / "model").read("w")
 
 
 def _cli(*args):

@@ -1,4 +1,5 @@
-"""The command line end to end, in fresh processes: resume, preemption, crashes, the demo, errors."""
+"""The command line end to end, in fresh processes: preemption, the demo, errors. (Resumes after
+kills: tests/train/test_kill_campaign.py.)"""
 
 import json
 import os
@@ -73,20 +74,6 @@ def assert_ok(result):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
-def test_resume_in_a_fresh_process_equals_an_uninterrupted_run(fixtures, tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert_ok(main(tiny_args(fixtures, straight, num_train_steps=10, checkpoint_every=5)))
-    assert_ok(main(tiny_args(fixtures, resumed, num_train_steps=5, checkpoint_every=5)))
-    assert_ok(main(tiny_args(fixtures, resumed, num_train_steps=10, checkpoint_every=5)))
-    a, b = final_params(straight, 10), final_params(resumed, 10)
-    for x, y in zip(sorted(_leaves(a)), sorted(_leaves(b))):
-        assert x[0] == y[0]
-        np.testing.assert_array_equal(x[1], y[1])
-    # The data iterator was restored exactly: the same batches were seen.
-    assert data_state(straight, 10) == data_state(resumed, 10) != []
-    assert losses(straight) == pytest.approx(losses(resumed), rel=0, abs=0)
-
-
 def _leaves(tree, prefix=""):
     for k, v in tree.items():
         if isinstance(v, dict):
@@ -125,33 +112,6 @@ def test_sigterm_saves_a_checkpoint_and_exits_75_without_exporting(fixtures, tmp
     result = main(tiny_args(fixtures, workdir, num_train_steps=step + 2, checkpoint_every=1000))
     assert_ok(result)
     assert max(losses(workdir)) == step + 2
-
-
-def test_sigkill_during_a_save_resumes_from_the_previous_complete_checkpoint(fixtures, tmp_path):
-    workdir = tmp_path / "run"
-    checkpoints = workdir / "checkpoints"
-    process = start(tiny_args(fixtures, workdir, num_train_steps=100000, checkpoint_every=2))
-
-    def saving_after_a_complete_one():
-        names = [p.name for p in checkpoints.iterdir()] if checkpoints.exists() else []
-        complete = [n for n in names if n.isdigit()]
-        return bool(complete) and any("tmp" in n for n in names)
-
-    wait_for(saving_after_a_complete_one, process)
-    process.kill()
-    process.wait()
-    partial = [p.name for p in checkpoints.iterdir() if "tmp" in p.name]
-    complete = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
-    assert partial, "the kill should land during a save"
-    ckpt = Checkpointer(checkpoints, save_every=2)
-    latest = ckpt.latest_step()
-    ckpt.close()
-    assert latest == complete[-1]
-    assert all(int(name.split(".")[0]) > latest for name in partial)
-    result = main(tiny_args(fixtures, workdir, num_train_steps=latest + 2, checkpoint_every=2))
-    assert_ok(result)
-    steps = losses(workdir)
-    assert max(steps) == latest + 2
 
 
 def test_demo_recipe_runs_end_to_end(tmp_path):

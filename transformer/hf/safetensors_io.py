@@ -39,6 +39,15 @@ CONVERT_HINT = (
 )
 
 
+def open_weights(path: pathlib.Path):
+    """`safe_open(path)`, or an error naming the file (a truncated download, most often)."""
+    try:
+        return safe_open(path, framework="numpy")
+    except Exception as error:  # safetensors' SafetensorError: a bare "header too large" etc.
+        raise ValueError(f"{path}: not a readable safetensors file ({error}); it may be "
+                         "truncated or damaged: copy or download it again") from None
+
+
 def weight_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
     """{tensor name: file} for a single `model.safetensors` or a sharded, indexed checkpoint."""
     index = folder / INDEX_FILE
@@ -50,11 +59,11 @@ def weight_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
         return files
     single = folder / SINGLE_FILE
     if single.is_file():
-        with safe_open(single, framework="numpy") as f:
+        with open_weights(single) as f:
             return {name: single for name in f.keys()}  # noqa: SIM118 (not a dict)
     others = sorted(folder.glob("*.safetensors"))
     if len(others) == 1:
-        with safe_open(others[0], framework="numpy") as f:
+        with open_weights(others[0]) as f:
             return {name: others[0] for name in f.keys()}  # noqa: SIM118
     pickles = sorted({p.name for pattern in PICKLE_PATTERNS for p in folder.glob(pattern)})
     if pickles:
@@ -82,7 +91,7 @@ class SafetensorsReader:
     def _handle(self, name: str):
         path = self.files[name]
         if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="numpy")
+            self._handles[path] = open_weights(path)
         return self._handles[path]
 
     def shape(self, name: str) -> tuple[int, ...]:

@@ -60,6 +60,9 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
     c.keep_period = placeholder(int)  # ... plus every M-th step's checkpoint.
     c.async_checkpointing = True  # Save in the background while training goes on.
     c.preemption_check_every = 10  # Multi-host: steps between agreeing on a SIGTERM stop.
+    # Resuming with another optimization (batch size, learning rate, schedule, seed, data; see
+    # transformer/train/resume.py) is refused unless this is True (then it is logged).
+    c.allow_config_change = False
     # Model checkpoint directory (e.g. from `transformer.convert import`) to start from, with a
     # fresh optimizer. Its architecture replaces config.model's (runtime fields such as dropout,
     # dtype and remat stay as configured); a task model loads it into its backbone and

@@ -34,6 +34,7 @@ from transformer.train import (
     layer_decay,
     objectives,
     optimizer,
+    resume,
     trainable,
 )
 from transformer.train import state as train_state
@@ -103,12 +104,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         max_to_keep=config.keep_checkpoints, keep_period=config.keep_period,
         async_save=config.async_checkpointing,
     )
-    latest = checkpointer.latest_step()
     with sharding.use_mesh(mesh, rules):
+        latest, state = checkpointer.restore_newest(
+            train_state.abstract_state(shapes, shardings), train_iter)
         if latest is not None:
-            logging.info("resuming from %s", checkpointer.directory / str(latest))
-            state = checkpointer.restore(
-                latest, train_state.abstract_state(shapes, shardings), train_iter)
+            logging.info("resumed from %s", checkpointer.directory / str(latest))
+            resume.check_config(checkpointer.restore_config(latest), config, latest)
         else:
             state = jax.jit(init_fn, out_shardings=shardings)()
             if config.init_from:
@@ -122,6 +123,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         best = best_lib.BestExport(workdir / "best", *objectives.best_metric(config))
 
     # --- Train. -----------------------------------------------------------------------------
+    evaluated = (resume.reconcile_metrics(workdir / "metrics.jsonl", start_step)
+                 if jax.process_index() == 0 else set())
     log = MetricLog(workdir, total_steps=config.num_train_steps, start_step=start_step)
     head_flops = objective.head_flops(model_config, config, seq_len)  # What the step runs.
     flops_per_token = flops.flops_per_token(model_config, seq_len, head_flops)
@@ -130,7 +133,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     pending, last_metrics, preempted_at = None, {}, None
     clock = Throughput(flops_per_token, peak)
     shapes = CompiledShapes()
+
+    def evaluate(step: int, *, record: bool = True) -> None:
+        with clock.paused():  # Evaluation time is not training time.
+            eval_metrics = evaluator(state.params, step)
+            if best is not None and record:
+                best.update(step, eval_metrics, graphdef, state.params, config.data.tokenizer,
+                            workdir / "eval")
+        if record:  # Written after best/: a line means its evaluation is complete.
+            log.write(step, eval_metrics)
+        last_metrics.update(eval_metrics)
+
+    def flush(pending) -> None:  # A step's metrics, fetched from the device.
+        check_finite(pending[1], config.max_bad_steps, pending[0])
+        clock.completed(pending[0], *pending[2])
+        if pending[0] % config.log_every == 0 or pending[0] == config.num_train_steps:
+            train_metrics = {k: float(v) for k, v in pending[1].items()}
+            train_metrics.update(clock.rates(), **shapes.summary())
+            log.write(pending[0], train_metrics)  # Train metrics only: eval lines are their own.
+            last_metrics.update(train_metrics)
+
     with sharding.use_mesh(mesh, rules), log:  # The log is closed (and flushed) on errors too.
+        if evaluator is not None and resume.evaluation_due(start_step, config):
+            # A kill during the evaluation at the restored step left no line: run it now. A
+            # finished run evaluates again (its summary), without a second line.
+            missing = any_process_has(start_step not in evaluated and jax.process_index() == 0)
+            if missing or start_step == config.num_train_steps:
+                evaluate(start_step, record=missing)
         for step in range(start_step, config.num_train_steps):
             host_batch = next(train_iter)
             tokens = (task_packing.real_tokens(host_batch), slot_tokens(host_batch))
@@ -139,36 +168,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 state, metrics = train_step(state, batch)
             # Fetch the previous step's metrics only now, while this step runs on the device.
             if pending is not None:
-                check_finite(pending[1], config.max_bad_steps, pending[0])
-                clock.completed(pending[0], *pending[2])
-                if pending[0] % config.log_every == 0:
-                    last_metrics = {k: float(v) for k, v in pending[1].items()}
-                    last_metrics.update(clock.rates(), **shapes.summary())
-                    log.write(pending[0], last_metrics)
+                flush(pending)
             pending = (step + 1, metrics, tokens)
             log.advance()
+            checkpointer.check_for_errors()  # A failed background save stops the run at once.
             done = step + 1 == config.num_train_steps
+            due = evaluator is not None and resume.evaluation_due(step + 1, config)
+            if due or done or checkpointer.is_save_step(step + 1):
+                # This step's line goes before its checkpoint: a resume from it keeps the line.
+                flush(pending)
+                pending = None
             checkpointer.save(step + 1, state, train_iter, config.to_dict(), force=done)
-            if evaluator is not None and ((step + 1) % config.eval_every == 0 or done):
-                with clock.paused():  # Evaluation time is not training time.
-                    eval_metrics = evaluator(state.params, step + 1)
-                    if best is not None:
-                        best.update(step + 1, eval_metrics, graphdef, state.params,
-                                    config.data.tokenizer, workdir / "eval")
-                log.write(step + 1, eval_metrics)
-                last_metrics.update(eval_metrics)
+            if due:
+                evaluate(step + 1)
             if stop_requested(preempted, step, config.preemption_check_every):
+                if pending is not None:
+                    flush(pending)
+                    pending = None
                 checkpointer.save(step + 1, state, train_iter, config.to_dict(), force=True)
                 log.message(f"SIGTERM: saved a checkpoint at step {step + 1}; exiting")
                 preempted_at = step + 1
                 break
         if pending is not None:  # The last step's metrics.
-            check_finite(pending[1], config.max_bad_steps, pending[0])
-            clock.completed(pending[0], *pending[2])
-            last_metrics.update({k: float(v) for k, v in pending[1].items()}, **clock.rates(),
-                                **shapes.summary())
-            log.write(pending[0], last_metrics)
+            flush(pending)
     checkpointer.wait()
+    checkpointer.check_for_errors()
     checkpointer.close()
     return {"state": state, "metrics": last_metrics, "tokenizer": tokenizer, "config": config,
             "model_config": model_config, "graphdef": graphdef, "mesh": mesh, "rules": rules,
