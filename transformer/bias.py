@@ -197,8 +197,11 @@ def main(argv: Sequence[str]) -> None:
     FLAGS = flags.FLAGS
     del argv
     enable_compilation_cache()
-    probe(FLAGS.checkpoint, data=FLAGS.data, output=FLAGS.output, batch_size=FLAGS.batch_size,
-          num_samples=FLAGS.bootstrap, seed=FLAGS.seed, limit=FLAGS.limit)
+    try:
+        probe(FLAGS.checkpoint, data=FLAGS.data, output=FLAGS.output, batch_size=FLAGS.batch_size,
+              num_samples=FLAGS.bootstrap, seed=FLAGS.seed, limit=FLAGS.limit)
+    except (ValueError, FileNotFoundError) as error:  # Bad input: the message, not a traceback.
+        raise SystemExit(f"transformer.bias: {error}") from error
 
 
 if __name__ == "__main__":

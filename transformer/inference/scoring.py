@@ -90,6 +90,7 @@ def sequence_logprobs(
     """log p(row[t] | row[:t]) for t = 1 .. len(row) - 1 of each row of token ids, in batches padded
     to a multiple of `pad_to_multiple` tokens; `progress` (a tqdm bar) advances by rows."""
     out = []
+    height = min(batch_size, len(rows))  # Every batch this many rows: a last short one adds no shape.
     for start in range(0, len(rows), batch_size):
         batch = [list(r) for r in rows[start:start + batch_size]]
         width = max(len(r) for r in batch)
@@ -98,8 +99,8 @@ def sequence_logprobs(
             width = min(width, model.config.max_length)
         if any(len(r) > width for r in batch):
             raise ValueError(f"a text has more than the model's {width} positions; split it")
-        ids = np.zeros((len(batch), width), np.int32)
-        mask = np.zeros((len(batch), width), np.int32)
+        ids = np.zeros((height, width), np.int32)
+        mask = np.zeros((height, width), np.int32)
         for i, r in enumerate(batch):
             ids[i, :len(r)], mask[i, :len(r)] = r, 1
         logprobs = token_logprobs(model, ids, mask)
