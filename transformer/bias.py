@@ -104,12 +104,17 @@ def sentence_scores(tokenizer: Any, model: Any, pairs: Sequence[CrowsPair], *,
 
 
 def report(summary: dict[str, Any], out: TextIO = sys.stdout) -> None:
+    share = lambda value: "   -  " if value is None else f"{value:6.2f}"
+
     def line(name: str, s: dict[str, Any]) -> str:
         low, high = s["ci"]
-        return (f"{name:<22} {s['metric_score']:6.2f}  [{low:6.2f}, {high:6.2f}]  "
-                f"pairs={s['num_pairs']:<5} neutral={s['num_neutral']}")
+        return (f"{name:<20} {s['metric_score']:6.2f}  [{low:6.2f}, {high:6.2f}]  "
+                f"{share(s['stereo_score'])}  {share(s['antistereo_score'])}  "
+                f"{s['num_pairs']:>5}  {s['num_neutral']:>7}")
 
-    out.write(f"{'bias type':<22} {'score':>6}  {'95% CI':^16}\n")
+    level = round(100 * summary["bootstrap"]["confidence"])
+    out.write(f"{'bias type':<20} {'score':>6}  {f'{level}% CI':^16}  {'stereo':>6}  {'anti':>6}  "
+              f"{'pairs':>5}  {'neutral':>7}\n")
     out.write(line("all", summary["overall"]) + "\n")
     for name, s in summary["by_bias_type"].items():
         out.write(line(name, s) + "\n")
