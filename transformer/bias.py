@@ -164,7 +164,8 @@ def write_outputs(output: str | os.PathLike, summary: dict[str, Any], pairs: Seq
 
 def probe(checkpoint: str | os.PathLike, *, data: str | os.PathLike | None = None,
           output: str | os.PathLike | None = None, batch_size: int = 64, num_samples: int = 1000,
-          seed: int = 0, limit: int | None = None, out: TextIO = sys.stdout) -> dict[str, Any]:
+          seed: int = 0, limit: int | None = None, quantize: str | None = None,
+          out: TextIO = sys.stdout) -> dict[str, Any]:
     """Loads the checkpoint, scores the pairs, writes the report (and the `output` files);
     returns the summary, with the per-pair scores under 'sent_more_scores' / 'sent_less_scores'."""
     from tqdm import tqdm
@@ -176,7 +177,7 @@ def probe(checkpoint: str | os.PathLike, *, data: str | os.PathLike | None = Non
     if not data.is_file():
         raise locations.missing_dataset(data)
     pairs = read_crows_pairs(data)[:limit]
-    tokenizer, model = from_pretrained(checkpoint)
+    tokenizer, model = from_pretrained(checkpoint, quantize=quantize)
     if tokenizer is None:
         raise ValueError(f"{checkpoint} has no tokenizer files; the bias probe needs them")
     with tqdm(desc="crows-pairs", unit="row") as progress:
@@ -204,7 +205,8 @@ def main(argv: Sequence[str]) -> None:
     enable_compilation_cache()
     try:
         probe(FLAGS.checkpoint, data=FLAGS.data, output=FLAGS.output, batch_size=FLAGS.batch_size,
-              num_samples=FLAGS.bootstrap, seed=FLAGS.seed, limit=FLAGS.limit)
+              num_samples=FLAGS.bootstrap, seed=FLAGS.seed, limit=FLAGS.limit,
+              quantize=FLAGS.quantize)
     except (ValueError, FileNotFoundError) as error:  # Bad input: the message, not a traceback.
         raise SystemExit(f"transformer.bias: {error}") from error
 
@@ -213,6 +215,8 @@ if __name__ == "__main__":
     from absl import app, flags
 
     flags.DEFINE_string("checkpoint", None, "our checkpoint directory or a Hugging Face folder")
+    flags.DEFINE_enum("quantize", None, ["int8", "int4"],
+                      "weight-only quantization of the loaded model (transformer.quantize)")
     flags.DEFINE_string("data", None, "a CrowS-Pairs CSV (default: $TRANSFORMER_DATA/"
                         + "/".join(DATASET) + ")")
     flags.DEFINE_string("output", None, "folder for summary.json, scores.csv and scores.png")
