@@ -19,6 +19,7 @@ import transformers
 
 from tests.hf.tiny_models import MINILM_DIR, VOCAB, make_tiny
 from transformer import bias, model_io
+from transformer.inference.masked_scoring import masked_token_logprobs
 from transformer.metrics.crows_pairs import read_crows_pairs
 from transformer.pretrained import from_pretrained
 
@@ -170,6 +171,9 @@ def test_imported_gpt2_scores_sentence_log_likelihood(tmp_path, vocab_dir, hf_to
     assert result["score"] == "causal"
     ll = lambda s: causal_log_likelihood(torch_model, hf_tokenizer, s)
     check_against(result, pairs, lambda a, b: (ll(a), ll(b)), tolerance=1e-4)
+    _, decoder = from_pretrained(folder)  # Asked for masked-LM scores, a decoder says what it is.
+    with pytest.raises(ValueError, match="needs an encoder .* this one is a causal decoder"):
+        masked_token_logprobs(decoder, [[2, 5, 3]], [[1]], mask_id=4)
 
 
 def test_a_model_without_the_head_the_probe_needs_is_a_clear_error(sample):
