@@ -180,6 +180,7 @@ def probe(checkpoint: str | os.PathLike, *, data: str | os.PathLike | None = Non
     tokenizer, model = from_pretrained(checkpoint, quantize=quantize)
     if tokenizer is None:
         raise ValueError(f"{checkpoint} has no tokenizer files; the bias probe needs them")
+    probe_kind(model, tokenizer)  # A model the probe cannot score fails before any work.
     with tqdm(desc="crows-pairs", unit="row") as progress:
         kind, more, less = sentence_scores(tokenizer, model, pairs, batch_size=batch_size,
                                            progress=progress)
