@@ -78,21 +78,33 @@ def score_texts(
 ) -> list[TextScore]:
     """Per-token log-probabilities of each text; batches are padded to a multiple of
     `pad_to_multiple` tokens so a few compiled shapes serve texts of any length."""
-    scores = []
-    for start in range(0, len(texts), batch_size):
-        batch = list(texts[start:start + batch_size])
-        rows = [tokenizer(t, padding=False)["input_ids"] for t in batch]
-        width = max(len(r) for r in rows)
+    rows = [tokenizer(t, padding=False)["input_ids"] for t in texts]
+    logprobs = sequence_logprobs(model, rows, batch_size=batch_size, pad_to_multiple=pad_to_multiple)
+    return [TextScore(text, list(r), lp) for text, r, lp in zip(texts, rows, logprobs)]
+
+
+def sequence_logprobs(
+    model: Decoder, rows: Sequence[Sequence[int]], *, batch_size: int = 8, pad_to_multiple: int = 32,
+    progress: Any = None,
+) -> list[list[float]]:
+    """log p(row[t] | row[:t]) for t = 1 .. len(row) - 1 of each row of token ids, in batches padded
+    to a multiple of `pad_to_multiple` tokens; `progress` (a tqdm bar) advances by rows."""
+    out = []
+    height = min(batch_size, len(rows))  # Every batch this many rows: a last short one adds no shape.
+    for start in range(0, len(rows), batch_size):
+        batch = [list(r) for r in rows[start:start + batch_size]]
+        width = max(len(r) for r in batch)
         width = -(-width // pad_to_multiple) * pad_to_multiple
         if model.config.position == "learned":
             width = min(width, model.config.max_length)
-        if any(len(r) > width for r in rows):
+        if any(len(r) > width for r in batch):
             raise ValueError(f"a text has more than the model's {width} positions; split it")
-        ids = np.zeros((len(rows), width), np.int32)
-        mask = np.zeros((len(rows), width), np.int32)
-        for i, r in enumerate(rows):
+        ids = np.zeros((height, width), np.int32)
+        mask = np.zeros((height, width), np.int32)
+        for i, r in enumerate(batch):
             ids[i, :len(r)], mask[i, :len(r)] = r, 1
         logprobs = token_logprobs(model, ids, mask)
-        for text, r, lp in zip(batch, rows, logprobs):
-            scores.append(TextScore(text, list(r), lp[:len(r) - 1].tolist()))
-    return scores
+        out += [lp[:len(r) - 1].tolist() for r, lp in zip(batch, logprobs)]
+        if progress is not None:
+            progress.update(len(batch))
+    return out
