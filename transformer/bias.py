@@ -204,16 +204,14 @@ def main(argv: Sequence[str]) -> None:
     FLAGS = flags.FLAGS
     del argv
     enable_compilation_cache()
-    try:
-        probe(FLAGS.checkpoint, data=FLAGS.data, output=FLAGS.output, batch_size=FLAGS.batch_size,
-              num_samples=FLAGS.bootstrap, seed=FLAGS.seed, limit=FLAGS.limit,
-              quantize=FLAGS.quantize)
-    except (ValueError, FileNotFoundError) as error:  # Bad input: the message, not a traceback.
-        raise SystemExit(f"transformer.bias: {error}") from error
+    probe(FLAGS.checkpoint, data=FLAGS.data, output=FLAGS.output, batch_size=FLAGS.batch_size,
+          num_samples=FLAGS.bootstrap, seed=FLAGS.seed, limit=FLAGS.limit, quantize=FLAGS.quantize)
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
+
+    from transformer import cli
 
     flags.DEFINE_string("checkpoint", None, "our checkpoint directory or a Hugging Face folder")
     flags.DEFINE_enum("quantize", None, ["int8", "int4"],
@@ -226,4 +224,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("seed", 0, "seed of the bootstrap")
     flags.DEFINE_integer("limit", None, "score only the first N pairs (a quick look)")
     flags.mark_flag_as_required("checkpoint")
-    app.run(main)
+    cli.run(main)
