@@ -12,7 +12,7 @@ POSITION:LABEL for token classification, POSITION or POSITION:TOKEN_ID for a lan
 token predicted after POSITION; default the last one). Positions count tokens from 0, special
 tokens included (see tokens in the JSON). The baseline keeps the special tokens and replaces the
 others' token embeddings by [PAD]'s (--baseline=pad) or by zeros (--baseline=zero); the default,
-auto, is pad when the tokenizer has a padding token, else zero.
+auto, takes the tokenizer's padding token, else its unknown or end-of-sequence token, else zeros.
 
 Writes to --output: attributions.json (tokens, scores, target, f(input), f(baseline), the
 completeness gap), attributions.png and .html (tokens coloured by score), attention.png (a layer
@@ -78,8 +78,9 @@ def explain(tokenizer: Any, model: Any, text: str, output: str | pathlib.Path, *
         raise ValueError(f"--method={method!r} is not one of ['ig', 'grad_x_input']")
     if baseline not in ("auto", "pad", "zero"):
         raise ValueError(f"--baseline={baseline!r} is not one of ['auto', 'pad', 'zero']")
-    if baseline == "auto":
-        baseline = "zero" if tokenizer.pad_id is None else "pad"
+    if baseline == "auto":  # A token, not zeros: from 0 the path starts at RMSNorm's singularity.
+        baseline = next((n for n in ("pad", "unk", "eos") if getattr(tokenizer, f"{n}_id")
+                         is not None), "zero")
     attributor = Attributor(model)  # Fails first for a model kind without attributions.
     wanted = parse_target(target)
     if attributor.kind != "classification" and isinstance(wanted, int):
@@ -88,10 +89,10 @@ def explain(tokenizer: Any, model: Any, text: str, output: str | pathlib.Path, *
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     types = inputs.get("token_type_ids")
     keep = special_token_mask(tokenizer, ids)
-    fill = tokenizer.pad_id if baseline == "pad" else None
+    fill = None if baseline == "zero" else getattr(tokenizer, f"{baseline}_id")
     if baseline == "pad" and fill is None:
         raise ValueError("--baseline=pad needs a tokenizer with a padding token; this one has "
-                         "none: pass --baseline=zero")
+                         "none: pass --baseline=zero (or auto)")
     if method == "ig":
         result = attributor.integrated_gradients(
             ids, mask, types, target=wanted, steps=steps, chunk_size=chunk_size,
@@ -174,7 +175,7 @@ if __name__ == "__main__":
                          "(default: all)")
     flags.DEFINE_enum("baseline", "auto", ["auto", "pad", "zero"], "integrated gradients: the "
                       "baseline's token embeddings ([PAD]'s or zeros; special tokens are kept); "
-                      "auto = pad when the tokenizer has a padding token")
+                      "auto = [PAD], else the unknown or end token, else zeros")
     flags.DEFINE_string("output", None, "folder for the JSON and the pictures")
     flags.mark_flags_as_required(["checkpoint", "text", "output"])
     app.run(main)

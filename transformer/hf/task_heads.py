@@ -18,6 +18,7 @@ from transformer.models.heads import HeadConfig, TaskModel
 # The architecture-name ending in config.json → our head kind.
 HEAD_SUFFIXES = {"ForSequenceClassification": "classification",
                  "ForTokenClassification": "token_classification"}
+HEAD_TENSORS = ("classifier.weight", "classifier.bias")
 
 
 def hf_head_kind(folder: str | pathlib.Path) -> str | None:
@@ -41,10 +42,10 @@ def load_hf_task_model(folder: str | pathlib.Path, *, dtype: str | None = None) 
             f"{hf.get('architectures')}, model_type {hf.get('model_type')!r}): import its base "
             "model with transformer.convert and fine-tune a head on it instead")
     reader = SafetensorsReader(folder)
-    if not {"classifier.weight", "classifier.bias"} <= reader.names():
+    if not set(HEAD_TENSORS) <= reader.names():
         raise ValueError(f"{folder} lacks the tensors classifier.weight / classifier.bias")
     kernel = reader.read("classifier.weight").T  # torch Linear [labels, hidden] → [hidden, labels]
-    backbone = load_hf_model(folder, dtype=dtype)
+    backbone = load_hf_model(folder, dtype=dtype, read_elsewhere=HEAD_TENSORS)
     if kind == "classification" and not backbone.config.pooler:
         raise ValueError(f"{folder} has a sequence classifier but no pooler tensors")
     head = HeadConfig(kind, num_labels=kernel.shape[1],

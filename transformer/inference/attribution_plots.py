@@ -26,34 +26,43 @@ def _colours(scores: Sequence[float]) -> tuple[Any, Any, np.ndarray]:
     return colormaps["RdBu_r"], Normalize(-limit or -1.0, limit or 1.0), scores
 
 
+def _ink(shade: float) -> str:
+    """Black text on light backgrounds, white on the dark ends of the colour map."""
+    return "white" if abs(shade - 0.5) > 0.32 else "black"
+
+
 def plot_token_attributions(tokens: Sequence[str], scores: Sequence[float],
                             path: str | os.PathLike, title: str = "") -> None:
-    """The tokens as wrapped text, each on a background coloured by its score, and a colour bar."""
+    """The tokens as wrapped text, each on a background coloured by its score, and a colour bar;
+    the figure is as tall as the lines of text need."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
     from matplotlib.figure import Figure
 
     cmap, norm, scores = _colours(scores)
-    figure = Figure(figsize=(9, 3), dpi=120)
-    renderer = FigureCanvasAgg(figure).get_renderer()
-    axes = figure.add_axes((0.02, 0.05, 0.84, 0.8))
-    axes.set_axis_off()
-    width = axes.get_window_extent(renderer).width
-    x, y, line = 0.0, 0.95, 0.12
-    for token, score in zip(tokens, scores):
-        text = axes.text(x, y, token, fontsize=11, va="top", ha="left", family="monospace",
-                         bbox=dict(boxstyle="round,pad=0.2", facecolor=cmap(norm(score)),
-                                   edgecolor="none"))
-        advance = text.get_window_extent(renderer).width / width + 0.012
-        if x > 0 and x + advance > 1.0:  # Wrap: move this token to the start of a new line.
-            x, y = 0.0, y - line
-            text.set_position((x, y))
-        x += advance
-    axes.set_ylim(min(0.0, y - line), 1.0)
-    bar = figure.add_axes((0.89, 0.1, 0.02, 0.7))
+    width, text_width, line, top = 9.0, 7.6, 0.34, 0.55  # Inches.
+    style = dict(fontsize=11, va="top", ha="left", family="monospace")
+    measure = Figure(figsize=(width, 2), dpi=120)
+    renderer = FigureCanvasAgg(measure).get_renderer()
+    widths = [measure.text(0, 0, token, **style).get_window_extent(renderer).width / 120 + 0.12
+              for token in tokens]
+    places, x, row = [], 0.0, 0
+    for w in widths:
+        if x > 0 and x + w > text_width:  # Wrap: this token starts a new line.
+            x, row = 0.0, row + 1
+        places.append((x, row))
+        x += w
+    height = max(1.6, top + (row + 1) * line + 0.3)
+    figure = Figure(figsize=(width, height), dpi=120)
+    for token, score, (x, row) in zip(tokens, scores, places):
+        shade = norm(score)
+        box = dict(boxstyle="round,pad=0.2", facecolor=cmap(shade), edgecolor="none")
+        figure.text((0.2 + x) / width, 1 - (top + row * line) / height, token,
+                    color=_ink(shade), bbox=box, **style)
+    bar = figure.add_axes((0.9, 0.3 / height, 0.015, 1 - (top + 0.3) / height))
     figure.colorbar(ScalarMappable(norm, cmap), cax=bar, label="attribution")
     if title:
-        figure.suptitle(title, fontsize=10)
+        figure.suptitle(title, fontsize=10, y=1 - 0.12 / height, va="top")
     paths.save_figure(figure, path)
 
 
@@ -64,6 +73,7 @@ def token_attributions_html(tokens: Sequence[str], scores: Sequence[float], titl
     cmap, norm, scores = _colours(scores)
     spans = "".join(
         f'<span title="{score:+.4g}" style="background:{to_hex(cmap(norm(score)))};'
+        f'color:{_ink(norm(score))};'
         f'padding:1px 3px;margin:1px;border-radius:3px;font-family:monospace">'
         f"{html.escape(token)}</span> " for token, score in zip(tokens, scores))
     heading = f"<h3>{html.escape(title)}</h3>\n" if title else ""
