@@ -46,9 +46,11 @@ def load_model(path: str | pathlib.Path) -> tuple[Any, Any]:
         from transformer.models.heads import HeadConfig, TaskModel
 
         head = HeadConfig(**json.loads((path / HEAD_FILE).read_text()))
-        model = TaskModel(model_io.read_config(path), head, rngs=nnx.Rngs(0))
-        model_io.load_params_into(model, path)
-        return _tokenizer(path / model_io.TOKENIZER_DIR), model
+        config = model_io.read_config(path)
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: TaskModel(config, head,
+                                                                     rngs=nnx.Rngs(0))))
+        nnx.replace_by_pure_dict(state, model_io.load_params(path, nnx.to_pure_dict(state)))
+        return _tokenizer(path / model_io.TOKENIZER_DIR), nnx.merge(graphdef, state)
     if (path / CONFIG_FILE).is_file() and task_heads.hf_head_kind(path) is not None:
         return _tokenizer(path), task_heads.load_hf_task_model(path)
     return from_pretrained(path)

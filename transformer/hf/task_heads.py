@@ -13,7 +13,7 @@ from flax import nnx
 
 from transformer.hf.importer import load_hf_model, read_hf_config
 from transformer.hf.safetensors_io import SafetensorsReader
-from transformer.models.heads import HeadConfig, TaskModel
+from transformer.models.heads import Head, HeadConfig, TaskModel
 
 # The architecture-name ending in config.json → our head kind.
 HEAD_SUFFIXES = {"ForSequenceClassification": "classification",
@@ -50,8 +50,10 @@ def load_hf_task_model(folder: str | pathlib.Path, *, dtype: str | None = None) 
         raise ValueError(f"{folder} has a sequence classifier but no pooler tensors")
     head = HeadConfig(kind, num_labels=kernel.shape[1],
                       pooling="pooler" if kind == "classification" else "cls")
-    model = TaskModel(backbone.config, head, rngs=nnx.Rngs(0))
+    # The shell of a TaskModel, its parts replaced: no backbone is initialised only to be dropped.
+    model = nnx.eval_shape(lambda: TaskModel(backbone.config, head, rngs=nnx.Rngs(0)))
     model.backbone = backbone
+    model.head = Head(backbone.config, head, rngs=nnx.Rngs(0))
     model.head.kernel[...] = kernel.astype(model.head.kernel[...].dtype)
     model.head.bias[...] = reader.read("classifier.bias").astype(model.head.bias[...].dtype)
     return model
