@@ -23,6 +23,7 @@ from transformer.attribute import load_model
 from transformer.hf.task_heads import load_hf_task_model
 from transformer.inference.attention_maps import attention_rollout, attention_weights
 from transformer.inference.attributions import METHODS, Attributor, quadrature
+from transformer.model_io import flat_params
 from transformer.models import build_model, get_preset
 from transformer.models.heads import HeadConfig, TaskModel
 from transformer.train.best import save_task_model
@@ -241,7 +242,15 @@ def test_cli_on_a_fine_tuned_checkpoint(classifier, tmp_path):
     record = json.loads((out / "attributions.json").read_text())
     assert record["tokens"] == ["[CLS]", *text.split(), "[SEP]"]
     assert record["label"] == 2 and record["baseline"] == "pad"
-    inputs = load_model(checkpoint)[0](text, return_tensors="np")
+    expected = flat_params(nnx.state(classifier.model, nnx.Param))
+    loaded = {path: load_model(path) for path in (checkpoint, classifier.folder)}
+    for _, model in loaded.values():  # Ours, and the Hugging Face classifier folder.
+        assert model.head_config == classifier.model.head_config
+        params = flat_params(nnx.state(model, nnx.Param))
+        assert params.keys() == expected.keys()
+        for name, value in params.items():
+            np.testing.assert_array_equal(value, expected[name], err_msg=name)
+    inputs = loaded[checkpoint][0](text, return_tensors="np")
     reference = _captum(classifier.torch_model, "ig", 2, ids=inputs["input_ids"],
                         mask=inputs["attention_mask"], types=inputs["token_type_ids"])
     np.testing.assert_allclose(record["scores"], reference[0].sum(-1), atol=1e-4)
