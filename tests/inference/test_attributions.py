@@ -18,14 +18,15 @@ from captum.attr import InputXGradient, IntegratedGradients
 from captum.attr._utils.approximation_methods import approximation_parameters
 from flax import nnx
 
-from tests.hf.tiny_models import _BERT, VOCAB
+from tests.hf.tiny_models import _BERT, _LLAMA, VOCAB
 from transformer.attribute import load_model
 from transformer.hf.task_heads import load_hf_task_model
 from transformer.inference.attention_maps import attention_rollout, attention_weights
 from transformer.inference.attributions import METHODS, Attributor, quadrature
 from transformer.model_io import flat_params
-from transformer.models import build_model, get_preset
+from transformer.models import get_preset
 from transformer.models.heads import HeadConfig, TaskModel
+from transformer.pretrained import from_pretrained
 from transformer.train.best import save_task_model
 
 STEPS = 50
@@ -170,14 +171,17 @@ def test_completeness_token_classification(tagger):
     _assert_complete(tagger.result)
 
 
-def test_completeness_language_model():
-    config = get_preset("llama-tiny", hidden_size=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
-                        vocab_size=VOCAB, max_length=64, initializer_range=0.3)
-    attributor = Attributor(build_model(config), output="probability")
+def test_completeness_language_model(tmp_path):
+    torch.manual_seed(0)  # A tiny Llama (RoPE, RMSNorm, grouped-query attention), imported.
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**_LLAMA,
+                                                                   initializer_range=0.2))
+    llama.save_pretrained(tmp_path / "llama", safe_serialization=True)
+    attributor = Attributor(from_pretrained(tmp_path / "llama")[1], output="probability")
     ids, mask = IDS[:, :8], MASK[:, :8]
-    # Token 0's embedding, not zeros: RMSNorm is singular at 0, where a zero baseline's path
-    # starts (without absolute positions nothing else is added), and no quadrature follows that.
-    baseline = attributor.baseline_embeddings(ids, np.arange(8) == 0, fill_id=0)
+    # A token's embedding (eos), not zeros: without absolute positions the first RMSNorm sees the
+    # path itself, scale-invariant but for its singularity at 0, where a zero baseline starts and
+    # f changes all at once (the gap was 5 % there, 6e-7 from the token).
+    baseline = attributor.baseline_embeddings(ids, np.arange(8) == 0, fill_id=2)
     result = attributor.integrated_gradients(ids, mask, target=[None, (4, None)], steps=STEPS,
                                              baseline_embeds=baseline)
     assert result.positions.tolist() == [6, 4]  # The last real token by default.
