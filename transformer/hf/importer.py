@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+from collections.abc import Collection
 from typing import Any
 
 import jax
@@ -53,10 +54,12 @@ def load_hf_model(
     rules: Rules | None = None,
     dtype: str | None = None,
     param_dtype: str | None = None,
+    read_elsewhere: Collection[str] = (),
 ) -> Encoder | Decoder:
     """Our model with the weights of an HF folder; sharded by `rules` over `mesh` when given.
 
     `dtype` sets the compute dtype and `param_dtype` the storage dtype (default float32).
+    `read_elsewhere` names tensors the caller reads itself (a task head), not reported unused.
     """
     folder = pathlib.Path(folder)
     hf = read_hf_config(folder)
@@ -75,7 +78,7 @@ def load_hf_model(
     else:
         shardings = {}
     shapes = {path: x.shape for path, x in model_io.flat_params(abstract_state).items()}
-    _check(specs, shapes, reader, folder)
+    _check(specs, shapes, reader, folder, set(read_elsewhere))
 
     default = SingleDeviceSharding(jax.local_devices()[0])
     target = jnp.dtype(config.param_dtype)
@@ -97,7 +100,7 @@ ZERO_IF_ABSENT = ("lm_bias",)
 
 def _check(
     specs: dict[str, mapping.Spec], shapes: dict[str, tuple[int, ...]], reader: SafetensorsReader,
-    folder: pathlib.Path,
+    folder: pathlib.Path, read_elsewhere: Collection[str] = (),
 ) -> None:
     """Every parameter has its tensors, of the right shapes; unused tensors are reported."""
     missing, wrong, used = [], [], set()
@@ -123,7 +126,7 @@ def _check(
         )
     if wrong:
         raise ValueError(f"{folder}: tensor shapes disagree with config.json: {wrong[:10]}")
-    unused = sorted(n for n in set(reader.files) - used
+    unused = sorted(n for n in set(reader.files) - used - set(read_elsewhere)
                     if not n.endswith(families.IGNORED_SUFFIXES) and not _tied_copy(n))
     if unused:
         logging.warning("%s: %d tensor(s) not used by the model: %s", folder, len(unused), unused[:10])

@@ -174,13 +174,15 @@ class TaskModel(nnx.Module):
         dropout_rng: jax.Array | None = None,
         positions: jax.Array | None = None,
         placement: Placement | None = None,
+        inputs_embeds: jax.Array | None = None,
     ) -> dict[str, jax.Array]:
         """Logits of the head: {'logits'} ([batch, labels] or [batch, length, labels] for tokens),
         or {'start_logits', 'end_logits'} ([batch, length]) for QA.
 
         A packed batch (several examples per row) gives `placement`, the rows' `positions`, and
         its segment ids as `attention_mask`; logits are then per example ([examples, labels]),
-        or per row token for token classification."""
+        or per row token for token classification. `inputs_embeds` replace the token
+        embeddings of `input_ids` (see `Encoder.__call__`)."""
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         if self.config.type_vocab_size == 0:
@@ -189,7 +191,7 @@ class TaskModel(nnx.Module):
         packed = {} if placement is None else {"segment_ids": placement.segment_ids,
                                                "positions": positions}
         out = self.backbone(input_ids, attention_mask, token_type_ids, dropout_rng=backbone_rng,
-                            compute_logits=False, **packed)
+                            compute_logits=False, inputs_embeds=inputs_embeds, **packed)
         if placement is not None and out.pooler_output is not None:
             out = out.replace(pooler_output=self.backbone.pool(
                 placement.first(out.last_hidden_state)))

@@ -110,10 +110,16 @@ class Embeddings(nnx.Module):
         input_ids: jax.Array,
         positions: jax.Array,
         token_type_ids: jax.Array | None = None,
+        inputs_embeds: jax.Array | None = None,
     ) -> jax.Array:
+        """`inputs_embeds` [batch, length, hidden] stand in for the token embeddings of
+        `input_ids` (positions and token types are still added): attributions differentiate them."""
         cfg = self.config
         dtype = dtype_of(cfg.dtype)
-        x = _lookup(self.tokens[...].astype(dtype), input_ids)
+        if inputs_embeds is None:
+            x = _lookup(self.tokens[...].astype(dtype), input_ids)
+        else:
+            x = inputs_embeds.astype(dtype)
         if cfg.position == "learned":
             x = x + _lookup(self.positions[...].astype(dtype), positions)
         elif cfg.position == "sinusoidal":

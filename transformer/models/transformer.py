@@ -73,13 +73,16 @@ class Encoder(nnx.Module):
         dropout_rng: jax.Array | None = None,
         output_attentions: bool = False,
         compute_logits: bool = True,
+        inputs_embeds: jax.Array | None = None,
     ) -> ModelOutput:
+        """`inputs_embeds` [batch, length, hidden] replace the token embeddings of `input_ids`
+        (which still give the shape); positions, token types and the embedding norm follow."""
         cfg = self.config
         segments, positions = _segments_and_positions(
             input_ids, attention_mask, segment_ids, positions
         )
         embed_rng, stack_rng = split_rng(dropout_rng, 2)
-        x = self.embeddings(input_ids, positions, token_type_ids)
+        x = self.embeddings(input_ids, positions, token_type_ids, inputs_embeds)
         if cfg.embedding_norm:
             x = self.embedding_norm(x)
         x = dropout(x, cfg.dropout_rate, embed_rng)
@@ -141,15 +144,17 @@ class Decoder(nnx.Module):
         dropout_rng: jax.Array | None = None,
         output_attentions: bool = False,
         compute_logits: bool = True,
+        inputs_embeds: jax.Array | None = None,
     ) -> ModelOutput:
-        """With a `cache`, the tokens are written at `cache_index` and attend to the cache slots
+        """`inputs_embeds` [batch, length, hidden] replace the token embeddings of `input_ids`.
+        With a `cache`, the tokens are written at `cache_index` and attend to the cache slots
         whose `cache_segment_ids` [batch, max_length] match theirs (0 = empty slot)."""
         cfg = self.config
         segments, positions = _segments_and_positions(
             input_ids, attention_mask, segment_ids, positions
         )
         embed_rng, stack_rng = split_rng(dropout_rng, 2)
-        x = self.embeddings(input_ids, positions, token_type_ids)
+        x = self.embeddings(input_ids, positions, token_type_ids, inputs_embeds)
         x = dropout(x, cfg.dropout_rate, embed_rng)
         if cache is None:
             mask = make_attention_mask(segments, segments, causal=True, window=cfg.sliding_window)
