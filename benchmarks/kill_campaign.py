@@ -89,6 +89,7 @@ def main() -> int:
     parser.add_argument("--workdir", default=None, help="default: a temporary directory")
     args = parser.parse_args()
     root = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="kill_campaign_"))
+    root.mkdir(parents=True, exist_ok=True)
     straight, killed = root / "straight", root / "killed"
     rng = random.Random(args.seed)
 

@@ -157,13 +157,14 @@ def main(argv: Sequence[str]) -> None:
     enable_compilation_cache()
     tokenizer, model = load_model(FLAGS.checkpoint)
     if tokenizer is None:
-        raise SystemExit(f"{FLAGS.checkpoint} has no tokenizer files; attributing text needs them")
+        raise FileNotFoundError(f"{FLAGS.checkpoint} has no tokenizer files; attributing text "
+                                "needs them (export the model with its tokenizer)")
     try:
         record = explain(tokenizer, model, FLAGS.text, FLAGS.output, target=FLAGS.target,
                          method=FLAGS.method, steps=FLAGS.steps, baseline=FLAGS.baseline,
                          chunk_size=FLAGS.chunk_size)
     except ValueError as error:
-        raise SystemExit(f"{FLAGS.checkpoint}: {error}") from None
+        raise ValueError(f"{FLAGS.checkpoint}: {error}") from None
     order = np.argsort(-np.abs(record["scores"]))[:8]
     print(_title(record))
     for i in order:
@@ -173,7 +174,9 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
+
+    from transformer import cli
 
     flags.DEFINE_string("checkpoint", None, "a fine-tuned or decoder checkpoint, or a Hugging "
                         "Face folder (a BERT classifier, or a decoder)")
@@ -190,4 +193,4 @@ if __name__ == "__main__":
                       "auto = [PAD], else the unknown or end token, else zeros")
     flags.DEFINE_string("output", None, "folder for the JSON and the pictures")
     flags.mark_flags_as_required(["checkpoint", "text", "output"])
-    app.run(main)
+    cli.run(main)
