@@ -19,20 +19,22 @@ EOS = "eos"  # Stands for a stop token the model emits early (chosen from its gr
 # several returned sequences, with and without a stop token.
 # (model, settings): beam widths, length penalties, the three early_stopping modes, min_new_tokens,
 # several returned sequences, with and without a stop token. Settings that differ only in length
-# penalty, early stopping, min_new_tokens or the stop token's id share one compilation.
+# penalty, early stopping, min_new_tokens or the stop token (one or none) share one compilation.
 CASES = [
     ("gpt2", dict(num_beams=4, length_penalty=1.0, early_stopping=False, num_return_sequences=2)),
     ("gpt2", dict(num_beams=4, length_penalty=2.0, early_stopping="never", num_return_sequences=2)),
     ("gpt2", dict(num_beams=4, length_penalty=0.0, early_stopping=True, num_return_sequences=2,
                   min_new_tokens=3)),
-    ("gpt2", dict(num_beams=2, length_penalty=1.0, early_stopping=True, stop=False)),
+    ("gpt2", dict(num_beams=4, length_penalty=1.0, early_stopping=True, num_return_sequences=2,
+                  stop=False)),
     ("llama_untied", dict(num_beams=4, length_penalty=1.0, early_stopping=True,
                           num_return_sequences=2)),
     ("llama_untied", dict(num_beams=4, length_penalty=2.0, early_stopping=False,
                           num_return_sequences=2, min_new_tokens=2)),
     ("llama_untied", dict(num_beams=4, length_penalty=0.0, early_stopping="never",
                           num_return_sequences=2)),
-    ("llama_untied", dict(num_beams=2, length_penalty=0.5, early_stopping="never", stop=False)),
+    ("llama_untied", dict(num_beams=2, length_penalty=0.5, early_stopping="never")),
+    ("llama_untied", dict(num_beams=2, length_penalty=1.0, early_stopping=False, stop=False)),
 ]
 
 

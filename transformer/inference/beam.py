@@ -43,6 +43,7 @@ from transformer.inference.decode import (
 from transformer.models import Decoder
 from transformer.sharding import Rules, constrain
 
+NO_TOKEN = np.iinfo(np.int32).max  # A stop-token slot that matches no token.
 DROPPED = -1.0e9  # Transformers' penalty for a candidate that may not be kept (finite, no NaN).
 EARLY_STOPPING = (True, False, "never")
 
@@ -88,7 +89,13 @@ class BeamConfig:
         """The settings that shape the compiled loop; the others (`scoring`) are traced values,
         so that one compilation serves every length penalty, early stopping and stop token."""
         return dataclasses.replace(self, min_new_tokens=0, length_penalty=1.0,
-                                   early_stopping=False, stop_tokens=(0,) * len(self.stop_tokens))
+                                   early_stopping=False, stop_tokens=(0,) * self._stop_slots)
+
+    @property
+    def _stop_slots(self) -> int:
+        # No stop token keeps as many candidates as one: both compile alike, an unused slot
+        # holding NO_TOKEN.
+        return max(1, len(self.stop_tokens))
 
     def scoring(self) -> BeamScoring:
         n = np.arange(1, self.max_new_tokens + 1, dtype=np.float64)
@@ -99,7 +106,7 @@ class BeamConfig:
         else:
             hoped = divisors  # The running beam judged at its current length.
         return BeamScoring(
-            stop_tokens=jnp.asarray(self.stop_tokens, jnp.int32),
+            stop_tokens=jnp.asarray(self.stop_tokens or (NO_TOKEN,), jnp.int32),
             min_new_tokens=jnp.int32(self.min_new_tokens),
             divisors=jnp.asarray(divisors, jnp.float32), hoped_divisors=jnp.asarray(hoped, jnp.float32),
             stop_when_full=jnp.bool_(self.early_stopping is True))
@@ -170,7 +177,7 @@ def _choose(state: BeamState, config: BeamConfig,
     step = state.step
     logprobs = jax.nn.log_softmax(state.logits.astype(jnp.float32), axis=-1)
     stop = scoring.stop_tokens
-    is_stop = jnp.zeros((vocab,), bool).at[stop].set(True)
+    is_stop = jnp.zeros((vocab,), bool).at[stop].set(True, mode="drop")  # NO_TOKEN: none.
     logprobs = jnp.where(is_stop & (step < scoring.min_new_tokens), -jnp.inf, logprobs)
     total = logprobs.reshape(batch, beams, vocab) + state.running_scores[..., None]
     top_scores, top = jax.lax.top_k(total.reshape(batch, beams * vocab), config.candidates)
