@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from transformer.hf import load_hf_model
-from transformer.inference import SamplingConfig, generate, left_pad
+from transformer.inference import left_pad
 from transformer.inference.beam import BeamConfig, beam_generate
 from transformer.sharding import DEFAULT_RULES, make_mesh
 
@@ -38,15 +38,23 @@ CASES = [
 ]
 
 
+def transformers_greedy(ref, prompt):
+    ref.generation_config.eos_token_id = None  # All N tokens.
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
+                           max_new_tokens=N, do_sample=False, pad_token_id=PAD)
+    return out[0, len(prompt):].numpy()
+
+
 @pytest.fixture(scope="module")
 def models(tiny):
-    """name → (our model, the transformers model, its greedy tokens [prompts, N], a stop token it
-    emits within a few steps)."""
+    """name → (our model, the transformers model, transformers' greedy tokens [prompts, N], a stop
+    token the model emits within a few steps)."""
     out = {}
     for name in ("gpt2", "llama_untied"):
-        model = load_hf_model(tiny(name)[0])
-        greedy = generate(model, PROMPTS, SamplingConfig(max_new_tokens=N)).tokens
-        out[name] = (model, tiny(name)[1], greedy, int(greedy[0, 2]))
+        ref = tiny(name)[1]
+        greedy = np.stack([transformers_greedy(ref, prompt) for prompt in PROMPTS])
+        out[name] = (load_hf_model(tiny(name)[0]), ref, greedy, int(greedy[0, 2]))
     return out
 
 
