@@ -14,28 +14,29 @@ from transformer.sharding import DEFAULT_RULES, make_mesh
 N = 8
 PAD = 0
 PROMPTS = [[5, 17, 33], [9, 4, 61, 22, 8, 40, 11], [70, 3, 19, 44, 5]]  # Ragged: left-padded.
-EOS = "eos"  # Stands for a stop token the model emits early (chosen from its greedy output).
 # (model, settings): beam widths, length penalties, the three early_stopping modes, min_new_tokens,
-# several returned sequences, with and without a stop token.
-# (model, settings): beam widths, length penalties, the three early_stopping modes, min_new_tokens,
-# several returned sequences, with and without a stop token. Settings that differ only in length
-# penalty, early stopping, min_new_tokens or the stop token (one or none) share one compilation.
+# several returned sequences, one stop token (GPT-2), three (Llama) or none. Settings that differ
+# only in length penalty, early stopping, min_new_tokens or the stop tokens' ids share one
+# compilation. Cases 3 and 4 give other tokens with early_stopping=False (checked below).
 CASES = [
     ("gpt2", dict(num_beams=4, length_penalty=1.0, early_stopping=False, num_return_sequences=2)),
     ("gpt2", dict(num_beams=4, length_penalty=2.0, early_stopping="never", num_return_sequences=2)),
     ("gpt2", dict(num_beams=4, length_penalty=0.0, early_stopping=True, num_return_sequences=2,
                   min_new_tokens=3)),
-    ("gpt2", dict(num_beams=4, length_penalty=1.0, early_stopping=True, num_return_sequences=2,
-                  stop=False)),
+    ("gpt2", dict(num_beams=4, length_penalty=1.0, early_stopping=True, num_return_sequences=2)),
     ("llama_untied", dict(num_beams=4, length_penalty=1.0, early_stopping=True,
                           num_return_sequences=2)),
     ("llama_untied", dict(num_beams=4, length_penalty=2.0, early_stopping=False,
                           num_return_sequences=2, min_new_tokens=2)),
     ("llama_untied", dict(num_beams=4, length_penalty=0.0, early_stopping="never",
                           num_return_sequences=2)),
-    ("llama_untied", dict(num_beams=2, length_penalty=0.5, early_stopping="never")),
-    ("llama_untied", dict(num_beams=2, length_penalty=1.0, early_stopping=False, stop=False)),
+    ("gpt2", dict(num_beams=4, length_penalty=1.0, early_stopping=True, num_return_sequences=2,
+                  stop=False)),
+    ("llama_untied", dict(num_beams=2, length_penalty=0.5, early_stopping="never", stop=False)),
 ]
+# Stop tokens that the models emit within a few steps: GPT-2's greedy token at step 3 of the
+# first prompt; Llama's at step 2 of every prompt.
+STOPS_AT = {"gpt2": [(0, 3)], "llama_untied": [(0, 2), (1, 2), (2, 2)]}
 
 
 def transformers_greedy(ref, prompt):
@@ -48,19 +49,20 @@ def transformers_greedy(ref, prompt):
 
 @pytest.fixture(scope="module")
 def models(tiny):
-    """name → (our model, the transformers model, transformers' greedy tokens [prompts, N], a stop
-    token the model emits within a few steps)."""
+    """name → (our model, the transformers model, transformers' greedy tokens [prompts, N], the
+    stop tokens of `STOPS_AT`)."""
     out = {}
     for name in ("gpt2", "llama_untied"):
         ref = tiny(name)[1]
         greedy = np.stack([transformers_greedy(ref, prompt) for prompt in PROMPTS])
-        out[name] = (load_hf_model(tiny(name)[0]), ref, greedy, int(greedy[0, 2]))
+        stops = tuple(sorted({int(greedy[at]) for at in STOPS_AT[name]}))
+        out[name] = (load_hf_model(tiny(name)[0]), ref, greedy, stops)
     return out
 
 
-def config_of(settings: dict, stop: int) -> BeamConfig:
+def config_of(settings: dict, stops: tuple[int, ...]) -> BeamConfig:
     settings = dict(settings)
-    stops = (stop,) if settings.pop("stop", True) else ()
+    stops = stops if settings.pop("stop", True) else ()
     return BeamConfig(max_new_tokens=N, stop_tokens=stops, pad_id=PAD, **settings)
 
 
@@ -85,36 +87,40 @@ def transformers_beam(ref, prompts, config: BeamConfig):
 
 @pytest.mark.parametrize("name,settings", CASES)
 def test_beam_search_equals_transformers(models, name, settings):
-    model, ref, _, stop = models[name]
-    config = config_of(settings, stop)
+    model, ref, _, stops = models[name]
+    config = config_of(settings, stops)
     ours = beam_generate(model, PROMPTS, config)
     theirs, scores = transformers_beam(ref, PROMPTS, config)
     assert ours.sequences() == theirs
     np.testing.assert_allclose(ours.scores, scores, atol=1e-4, rtol=0)
     if config.stop_tokens and config.min_new_tokens:
-        assert all(stop not in seq[:config.min_new_tokens - 1]
-                   for hyps in ours.sequences() for seq in hyps)
+        assert not any(set(stops) & set(seq[:config.min_new_tokens])
+                       for hyps in ours.sequences() for seq in hyps)
 
 
-def test_the_stop_token_ends_hypotheses(models):
-    """The cases above are only meaningful if some hypotheses do end at the stop token."""
-    model, _, _, stop = models["gpt2"]
-    out = beam_generate(model, PROMPTS, config_of(CASES[0][1], stop))
-    ended = [seq[-1] == stop for hyps in out.sequences() for seq in hyps]
-    assert any(ended) and out.lengths.min() < N
-    ends = out.lengths[..., None] <= np.arange(N)
-    assert np.all(out.tokens[ends] == PAD)
+def test_the_cases_exercise_stop_tokens_and_early_stopping(models):
+    """The cases above are only meaningful if hypotheses end at stop tokens and early stopping
+    changes what is found."""
+    for name, case in (("gpt2", 3), ("llama_untied", 4)):
+        model, _, _, stops = models[name]
+        config = config_of(CASES[case][1], stops)
+        out = beam_generate(model, PROMPTS, config)
+        assert any(seq[-1] in stops for hyps in out.sequences() for seq in hyps)
+        assert out.lengths.min() < N
+        assert np.all(out.tokens[out.lengths[..., None] <= np.arange(N)] == PAD)
+        later = beam_generate(model, PROMPTS, dataclasses.replace(config, early_stopping=False))
+        assert later.sequences() != out.sequences()
 
 
 def test_one_beam_is_greedy(models):
-    model, _, greedy, stop = models["llama_untied"]
+    model, _, greedy, stops = models["llama_untied"]
     beam = beam_generate(model, PROMPTS, BeamConfig(num_beams=1, max_new_tokens=N,
-                                                    stop_tokens=(stop,)))
-    # Greedy decoding with a stop token: the greedy tokens up to the first stop token.
-    expected = [row[:(np.flatnonzero(row == stop)[:1] + 1).tolist()[0] if stop in row else N]
-                for row in greedy]
-    assert [hyps[0] for hyps in beam.sequences()] == [row.tolist() for row in expected]
-    assert any(stop in row for row in greedy)
+                                                    stop_tokens=stops))
+    # Greedy decoding with stop tokens: the greedy tokens up to the first stop token.
+    ends = [np.flatnonzero(np.isin(row, stops)) for row in greedy]
+    expected = [row[:end[0] + 1 if end.size else N].tolist() for row, end in zip(greedy, ends)]
+    assert [hyps[0] for hyps in beam.sequences()] == expected
+    assert any(end.size for end in ends)
 
 
 def test_sharded_beam_search_equals_unsharded(tiny, models):
