@@ -229,8 +229,10 @@ def beam_search(
 
     `logits` [batch * beams, vocab] are the first next-token logits of every beam row (all beams
     of an input alike), `cache` what `step_fn(cache, tokens [batch * beams], step)` needs to
-    return the next logits. Returns the buffer's best `num_return_sequences` per input: tokens
-    [batch, n, max_new_tokens], lengths [batch, n] and scores [batch, n].
+    return the next logits; `reorder(cache, parents [batch, beams])` moves each beam's cache rows
+    to its children. `config` is a `BeamConfig.layout()` (static), `scoring` its
+    `BeamConfig.scoring()` (traced). Returns the buffer's best `num_return_sequences` per input:
+    tokens [batch, n, max_new_tokens], lengths [batch, n] and scores [batch, n].
     """
     beams, n_new = config.num_beams, config.max_new_tokens
     batch = logits.shape[0] // beams
