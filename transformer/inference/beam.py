@@ -269,7 +269,9 @@ def decoder_step(model: Decoder, ids: jax.Array, mask: jax.Array,
 
     The prompts run once per input; their cache, logits and slots are then repeated over the
     beams. The slots' segment ids are the same for every beam of an input (left padding puts each
-    new token in the same slot), so only the keys and values are reordered.
+    new token in the same slot), and so are the prompt's keys and values: only the keys and
+    values of the new tokens' slots are reordered (the cache layout is [rows, kv_heads, slots,
+    head_dim], see `KVCache`).
     """
     beams, prompt_len = config.num_beams, ids.shape[1]
     logits, cache, slots, lengths = prompt_forward(model, ids, mask,
@@ -283,7 +285,13 @@ def decoder_step(model: Decoder, ids: jax.Array, mask: jax.Array,
                                           lengths + step)
         return logits, (kv, slots)
 
-    reorder = lambda carry, parents: (gather_beams(carry[0], parents), carry[1])
+    def reorder(carry, parents):
+        kv, slots = carry
+        # Every beam of an input holds the same prompt keys and values: only the new slots move.
+        new = lambda x: jax.lax.dynamic_update_slice_in_dim(
+            x, gather_beams(x[:, :, prompt_len:], parents), prompt_len, axis=2)
+        return jax.tree.map(new, kv), slots
+
     return logits, (cache, slots), step_fn, reorder
 
 
