@@ -1,6 +1,8 @@
 """Decoding speed of GPT-2 124M here, side by side with Hugging Face's PyTorch `generate`.
 
     python benchmarks/decode_throughput.py [--new_tokens=128] [--batches=1,16] [--repeats=2]
+    python benchmarks/decode_throughput.py --num_beams=4 --batches=1,8 --new_tokens=32 \
+        [--torch_threads=1]
 
 The same weights on both sides (a GPT-2 124M with a fixed random init, saved as safetensors and
 imported by `transformer.from_pretrained`), the same 32-token prompts of real text, greedy decoding
@@ -8,6 +10,12 @@ of exactly `new_tokens` tokens with the KV cache on both sides (ours: prefill + 
 `lax.while_loop`; theirs: `generate(do_sample=False, use_cache=True)`). Time to first token is the
 time of a 1-token generation. Compilation is excluded (each shape runs once before timing). The
 last line is JSON.
+
+With --num_beams, beam search instead (ours: `beam_generate`, one jitted loop; theirs:
+`generate(num_beams=...)`), both made to run exactly `new_tokens` steps (min_new_tokens =
+max_new_tokens); tokens/s counts the returned best sequence's tokens per input (batch x
+new_tokens / time), and the run checks that the best sequences are identical and reports the
+largest difference of `sequences_scores`.
 
 `dense_products_tokens_per_s` is how fast XLA runs only the matrix products of decoding (every
 weight matrix of every layer and the output layer, float32, batch rows per token, in a jitted
@@ -36,7 +44,7 @@ import tqdm  # noqa: E402
 import transformer  # noqa: E402
 from benchmarks.timing import median_time  # noqa: E402
 from transformer import locations  # noqa: E402
-from transformer.inference import SamplingConfig, generate  # noqa: E402
+from transformer.inference import BeamConfig, SamplingConfig, beam_generate, generate  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA = locations.data_dir()  # $TRANSFORMER_DATA (docs/data.md)
@@ -76,18 +84,58 @@ def dense_products(model, batch: int, tokens: int = 32) -> float:
     return batch * tokens / median_time(lambda: run(x, per_layer, table).block_until_ready(), 3)
 
 
+def beam_figures(model, reference, ids: np.ndarray, num_beams: int, new_tokens: int,
+                 repeats: int, bar) -> dict:
+    """Beam search side by side: tokens/s of both, identical best sequences, score difference."""
+    import torch
+
+    batch = ids.shape[0]
+    config = BeamConfig(num_beams=num_beams, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                        stop_tokens=(50256,), pad_id=0)
+    rows = [list(r) for r in ids]
+
+    def ours():
+        out = beam_generate(model, rows, config)
+        return out.tokens[:, 0], out.scores[:, 0]
+
+    def theirs():
+        with torch.inference_mode():
+            out = reference.generate(
+                torch.from_numpy(ids.astype(np.int64)), attention_mask=torch.ones(ids.shape),
+                num_beams=num_beams, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                do_sample=False, use_cache=True, eos_token_id=50256, pad_token_id=0,
+                output_scores=True, return_dict_in_generate=True)
+        return out.sequences[:, PROMPT:].numpy(), out.sequences_scores.numpy()
+
+    figures = {}
+    for name, fn in (("jax", ours), ("pytorch", theirs)):
+        tokens, scores = fn()  # Warm-up (compiles ours) and the results to compare.
+        total = median_time(fn, repeats)
+        bar.update(2)
+        figures[name] = {"tokens_per_s": batch * new_tokens / total, "total_s": total,
+                         "tokens": tokens, "scores": scores}
+    same = bool(np.array_equal(figures["jax"].pop("tokens"), figures["pytorch"].pop("tokens")))
+    gap = float(np.abs(figures["jax"].pop("scores") - figures["pytorch"].pop("scores")).max())
+    return {**figures, "speedup": figures["jax"]["tokens_per_s"] / figures["pytorch"]["tokens_per_s"],
+            "best_sequences_identical": same, "max_score_difference": gap}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--torch_threads", type=int, default=os.cpu_count() or 1,
+                        help="PyTorch's threads (on a loaded machine 1 may be the faster)")
+    parser.add_argument("--num_beams", type=int, default=0, help="beam search of this width "
+                        "instead of greedy decoding (0 = greedy)")
     args = parser.parse_args()
 
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.torch_threads)
     reference = GPT2LMHeadModel(GPT2Config()).eval()
     folder = pathlib.Path(tempfile.mkdtemp()) / "gpt2"
     reference.save_pretrained(folder, safe_serialization=True)
@@ -95,8 +143,25 @@ def main() -> None:
         (folder / name).write_bytes((DATA / "tokenizers" / name).read_bytes())
     tokenizer, model = transformer.from_pretrained(folder)
 
-    result = {"new_tokens": args.new_tokens, "prompt_tokens": PROMPT}
+    result = {"new_tokens": args.new_tokens, "prompt_tokens": PROMPT,
+              "torch_threads": args.torch_threads, "load_average": os.getloadavg()[0]}
     batches = [int(b) for b in args.batches.split(",")]
+    if args.num_beams:
+        result["num_beams"] = args.num_beams
+        with tqdm.tqdm(total=len(batches) * 4, unit="run") as bar:
+            for batch in batches:
+                result[f"batch_{batch}"] = beam_figures(model, reference, prompts(tokenizer, batch),
+                                                        args.num_beams, args.new_tokens,
+                                                        args.repeats, bar)
+        for batch in batches:
+            r = result[f"batch_{batch}"]
+            print(f"beam {args.num_beams}, batch {batch:>2}: jax {r['jax']['tokens_per_s']:7.1f} "
+                  f"tok/s | pytorch {r['pytorch']['tokens_per_s']:7.1f} tok/s | "
+                  f"×{r['speedup']:.2f} | best sequences identical: "
+                  f"{r['best_sequences_identical']} | max score difference "
+                  f"{r['max_score_difference']:.1e}")
+        print(json.dumps(result))
+        return
     with tqdm.tqdm(total=len(batches) * 4, unit="run") as bar:
         for batch in batches:
             ids = prompts(tokenizer, batch)

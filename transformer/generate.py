@@ -7,6 +7,13 @@
 (--temperature=0); generation stops at the tokenizer's end-of-sequence token unless --stop_ids says
 otherwise.
 
+Beam search (--num_beams > 1) keeps the most likely continuations instead of sampling one; it
+prints the best --num_return_sequences of them, each with its score (transformers'
+`sequences_scores`: summed log-probability / new tokens ** --length_penalty):
+
+  python -m transformer.generate --checkpoint=path/to/model --prompt="Once upon a time" \
+      --num_beams=4 --length_penalty=1.0 --early_stopping=true --num_return_sequences=2
+
 An instruct model answers best in the layout it was trained on: --chat sends --prompt as one user
 message (after a --system message, if given) through the folder's chat template, prints only the
 reply, and stops at the template's end-of-turn tokens:
@@ -23,8 +30,11 @@ from typing import Any, TextIO
 
 import jax
 
+from transformer.inference.beam import BeamConfig, beam_generate
 from transformer.inference.decode import stream
 from transformer.inference.sampling import SamplingConfig
+
+EARLY_STOPPING = {"true": True, "false": False, "never": "never"}
 
 
 def prompt_ids(tokenizer: Any, prompt: str, *, chat: bool = False,
@@ -67,19 +77,62 @@ def stream_text(
     return text
 
 
-def sampling_config(tokenizer: Any, *, max_new_tokens: int, temperature: float, top_k: int,
-                    top_p: float, stop_ids: Sequence[int] | None,
-                    chat: bool = False) -> SamplingConfig:
-    """Sampling settings; stop ids default to the chat template's end-of-turn ids under `chat`,
-    else to the tokenizer's eos."""
+def _stops_and_pad(tokenizer: Any, stop_ids: Sequence[int] | None,
+                   chat: bool) -> tuple[tuple[int, ...], int]:
+    """Stop ids (by default the chat template's end-of-turn ids under `chat`, else the tokenizer's
+    eos) and the pad id."""
     template = getattr(tokenizer, "chat_template", None)
     if stop_ids is None and chat and template is not None:
         stop_ids = list(template.stop_ids)
     if stop_ids is None:
         stop_ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    return tuple(int(i) for i in stop_ids), pad
+
+
+def sampling_config(tokenizer: Any, *, max_new_tokens: int, temperature: float, top_k: int,
+                    top_p: float, stop_ids: Sequence[int] | None,
+                    chat: bool = False) -> SamplingConfig:
+    """Sampling settings; stop ids default to the chat template's end-of-turn ids under `chat`,
+    else to the tokenizer's eos."""
+    stops, pad = _stops_and_pad(tokenizer, stop_ids, chat)
     return SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                          top_p=top_p, stop_tokens=tuple(int(i) for i in stop_ids), pad_id=pad)
+                          top_p=top_p, stop_tokens=stops, pad_id=pad)
+
+
+def beam_config(tokenizer: Any, *, num_beams: int, max_new_tokens: int, min_new_tokens: int = 0,
+                length_penalty: float = 1.0, early_stopping: str = "false",
+                num_return_sequences: int = 1, stop_ids: Sequence[int] | None = None,
+                chat: bool = False) -> BeamConfig:
+    """Beam search settings from the command line's (`early_stopping`: "true", "false" or
+    "never"); stop ids as in `sampling_config`."""
+    if early_stopping.lower() not in EARLY_STOPPING:
+        raise ValueError(f"--early_stopping must be one of {sorted(EARLY_STOPPING)}, got "
+                         f"{early_stopping!r}")
+    stops, pad = _stops_and_pad(tokenizer, stop_ids, chat)
+    return BeamConfig(num_beams=num_beams, max_new_tokens=max_new_tokens,
+                      min_new_tokens=min_new_tokens, length_penalty=length_penalty,
+                      early_stopping=EARLY_STOPPING[early_stopping.lower()],
+                      num_return_sequences=num_return_sequences, stop_tokens=stops, pad_id=pad)
+
+
+def beam_texts(tokenizer: Any, model: Any, prompt: Sequence[int], config: BeamConfig, *,
+               out: TextIO = sys.stdout) -> list[tuple[str, float]]:
+    """The best continuations of `prompt` (ids) by beam search, with their scores; one is written
+    as it reads on from the prompt, several each on a numbered line with its score."""
+    found = beam_generate(model, [list(prompt)], config)
+    texts = []
+    for ids, score in zip(found.sequences()[0], found.scores[0]):
+        if ids and ids[-1] in config.stop_tokens:
+            ids = ids[:-1]
+        texts.append((tokenizer.decode(ids), float(score)))
+    if len(texts) == 1:
+        out.write(texts[0][0] + "\n")
+    else:
+        out.write("\n")
+        for rank, (text, score) in enumerate(texts, 1):
+            out.write(f"[{rank}] score={score:.4f}: {text}\n")
+    return texts
 
 
 def main(argv: Sequence[str]) -> None:
@@ -100,6 +153,22 @@ def main(argv: Sequence[str]) -> None:
     except ValueError as error:  # no chat template, or one that refuses the messages
         raise ValueError(f"{FLAGS.checkpoint}: {error}") from None
     stop = None if FLAGS.stop_ids is None else [int(i) for i in FLAGS.stop_ids]
+    if FLAGS.num_beams != 1:
+        if FLAGS.temperature or FLAGS.top_k or FLAGS.top_p != 1.0:
+            raise SystemExit("beam search (--num_beams > 1) is deterministic: drop --temperature, "
+                             "--top_k and --top_p, or pass --num_beams=1 to sample")
+        try:
+            config = beam_config(
+                tokenizer, num_beams=FLAGS.num_beams, max_new_tokens=FLAGS.max_new_tokens,
+                min_new_tokens=FLAGS.min_new_tokens, length_penalty=FLAGS.length_penalty,
+                early_stopping=FLAGS.early_stopping,
+                num_return_sequences=FLAGS.num_return_sequences, stop_ids=stop, chat=FLAGS.chat)
+            if not FLAGS.chat:
+                sys.stdout.write(FLAGS.prompt)
+            beam_texts(tokenizer, model, ids, config)
+        except ValueError as error:  # settings out of range, or a prompt that does not fit
+            raise SystemExit(f"\n{error}") from None
+        return
     config = sampling_config(tokenizer, max_new_tokens=FLAGS.max_new_tokens,
                              temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
                              stop_ids=stop, chat=FLAGS.chat)
@@ -124,6 +193,15 @@ if __name__ == "__main__":
     flags.DEFINE_float("temperature", 0.0, "0 = greedy; otherwise sample from softmax(logits / T)")
     flags.DEFINE_integer("top_k", 0, "sample among the k most likely tokens (0 = all)")
     flags.DEFINE_float("top_p", 1.0, "sample from the nucleus of probability p (1 = all)")
+    flags.DEFINE_integer("num_beams", 1, "beam search over this many hypotheses (1 = greedy or "
+                         "sampling as set by --temperature)")
+    flags.DEFINE_float("length_penalty", 1.0, "beam search: a finished hypothesis scores "
+                       "sum logprob / new tokens ** length_penalty")
+    flags.DEFINE_string("early_stopping", "false", "beam search: true (stop an input once "
+                        "num_beams hypotheses ended), false (once no running one can beat them) "
+                        "or never (as false, judging running ones at max_new_tokens)")
+    flags.DEFINE_integer("min_new_tokens", 0, "beam search: no stop token before this many")
+    flags.DEFINE_integer("num_return_sequences", 1, "beam search: print the best this many")
     flags.DEFINE_integer("seed", 0, "random seed of the sampling")
     flags.DEFINE_list("stop_ids", None, "token ids that end generation (default: the tokenizer's "
                       "EOS; with --chat the template's end-of-turn ids)")

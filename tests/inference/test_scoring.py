@@ -13,9 +13,9 @@ import torch
 
 from tests.hf.tiny_models import random_ids, torch_forward
 from transformer import model_io
-from transformer.generate import sampling_config, stream_text
+from transformer.generate import beam_config, beam_texts, prompt_ids, sampling_config, stream_text
 from transformer.hf import load_hf_model
-from transformer.inference import mean_pool, perplexity, score_texts, token_logprobs
+from transformer.inference import beam_generate, mean_pool, perplexity, score_texts, token_logprobs
 from transformer.models import build_model, get_preset
 from transformer.pretrained import from_pretrained
 from transformer.score import report
@@ -81,6 +81,22 @@ def test_stream_text_prints_the_continuation(gpt2_checkpoint):
     out = io.StringIO()
     text = stream_text(tokenizer, model, "Once upon a time", config, out=out)
     assert out.getvalue() == text + "\n"
+
+
+def test_beam_texts_print_the_best_continuations(gpt2_checkpoint):
+    tokenizer, model = from_pretrained(gpt2_checkpoint)
+    config = beam_config(tokenizer, num_beams=3, max_new_tokens=5, early_stopping="Never",
+                         num_return_sequences=2)
+    assert (config.early_stopping, config.stop_tokens, config.num_beams) == ("never", (50256,), 3)
+    ids = prompt_ids(tokenizer, "Once upon a time")
+    out = io.StringIO()
+    texts = beam_texts(tokenizer, model, ids, config, out=out)
+    found = beam_generate(model, [ids], config)
+    assert texts == [(tokenizer.decode([i for i in seq if i != 50256]), pytest.approx(score))
+                     for seq, score in zip(found.sequences()[0], found.scores[0])]
+    assert out.getvalue().count("score=") == 2
+    with pytest.raises(ValueError, match="--early_stopping must be one of"):
+        beam_config(tokenizer, num_beams=2, max_new_tokens=5, early_stopping="maybe")
 
 
 def test_command_lines(gpt2_checkpoint, tmp_path):

@@ -1,5 +1,6 @@
 """Using a trained model: features and sentence embeddings, generation, scoring."""
 
+from transformer.inference.beam import BeamConfig, BeamGeneration, beam_generate
 from transformer.inference.decode import Generation, generate, left_pad, stream
 from transformer.inference.features import (
     Pooling,
@@ -18,7 +19,8 @@ from transformer.inference.scoring import (
 )
 
 __all__ = [
-    "Generation", "Pooling", "SamplingConfig", "TextScore", "generate", "left_pad", "mean_pool",
-    "next_token_logprobs", "perplexity", "pool", "read_pooling", "sample", "score_texts",
-    "sentence_embeddings", "stream", "token_logprobs", "top_k_mask", "top_p_mask",
+    "BeamConfig", "BeamGeneration", "Generation", "Pooling", "SamplingConfig", "TextScore",
+    "beam_generate", "generate", "left_pad", "mean_pool", "next_token_logprobs", "perplexity",
+    "pool", "read_pooling", "sample", "score_texts", "sentence_embeddings", "stream",
+    "token_logprobs", "top_k_mask", "top_p_mask",
 ]

@@ -60,22 +60,49 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndar
     return ids, mask
 
 
+def prompt_forward(
+    model: Decoder, ids: jax.Array, mask: jax.Array, cache_length: int
+) -> tuple[jax.Array, Any, jax.Array, jax.Array]:
+    """Runs left-padded prompts into a fresh cache of `cache_length` slots.
+
+    Returns the next-token logits [batch, vocab], the cache, the slots' segment ids [batch,
+    cache_length] (1 = a real prompt token) and the prompt lengths [batch]. Shared by every
+    decoding strategy (sampling here, beam search in `beam.py`).
+    """
+    batch, prompt_len = ids.shape
+    cache = model.init_cache(batch, cache_length)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    slots = jnp.zeros((batch, cache_length), jnp.int32).at[:, :prompt_len].set(mask)
+    out = model(ids, segment_ids=mask, positions=positions, cache=cache, cache_index=0,
+                cache_segment_ids=slots, compute_logits=False)
+    logits = model.lm_logits(out.last_hidden_state[:, -1:])[:, 0]  # Left padding: last is real.
+    return logits, out.cache, slots, jnp.sum(mask, axis=1)
+
+
+def token_forward(
+    model: Decoder, token: jax.Array, cache: Any, slots: jax.Array, slot: jax.Array,
+    positions: jax.Array,
+) -> tuple[jax.Array, Any, jax.Array]:
+    """Runs one new token per row [batch] into cache slot `slot` (the same for every row, left
+    padding makes it so) at `positions` [batch]; returns the next logits, the cache and the slots."""
+    batch = token.shape[0]
+    slots = jax.lax.dynamic_update_slice(slots, jnp.ones((batch, 1), jnp.int32), (0, slot))
+    out = model(token[:, None], segment_ids=jnp.ones((batch, 1), jnp.int32),
+                positions=positions[:, None], cache=cache, cache_index=slot,
+                cache_segment_ids=slots)
+    return out.logits[:, 0], out.cache, slots
+
+
 def prefill(
     model: Decoder, ids: jax.Array, mask: jax.Array, rng: jax.Array, config: SamplingConfig
 ) -> tuple[DecodeState, jax.Array]:
     """Runs the prompts through the model, filling the cache; returns the state and the lengths."""
     batch, prompt_len = ids.shape
-    cache = model.init_cache(batch, prompt_len + config.max_new_tokens)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    slots = jnp.zeros((batch, prompt_len + config.max_new_tokens), jnp.int32)
-    slots = slots.at[:, :prompt_len].set(mask)
-    out = model(ids, segment_ids=mask, positions=positions, cache=cache, cache_index=0,
-                cache_segment_ids=slots, compute_logits=False)
-    logits = model.lm_logits(out.last_hidden_state[:, -1:])[:, 0]  # Left padding: last is real.
+    logits, cache, slots, lengths = prompt_forward(model, ids, mask,
+                                                   prompt_len + config.max_new_tokens)
     tokens = jnp.full((batch, config.max_new_tokens), config.pad_id, jnp.int32)
-    state = DecodeState(jnp.int32(0), logits, out.cache, slots, tokens,
-                        jnp.zeros((batch,), bool), rng)
-    return state, jnp.sum(mask, axis=1)
+    state = DecodeState(jnp.int32(0), logits, cache, slots, tokens, jnp.zeros((batch,), bool), rng)
+    return state, lengths
 
 
 def decode_step(
@@ -87,13 +114,9 @@ def decode_step(
     token = jnp.where(state.done, config.pad_id, token)
     tokens = jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, state.step))
     done = state.done | jnp.isin(token, jnp.asarray(config.stop_tokens, jnp.int32))
-    slot = prompt_len + state.step
-    batch = token.shape[0]
-    slots = jax.lax.dynamic_update_slice(state.slots, jnp.ones((batch, 1), jnp.int32), (0, slot))
-    out = model(token[:, None], segment_ids=jnp.ones((batch, 1), jnp.int32),
-                positions=(lengths + state.step)[:, None], cache=state.cache, cache_index=slot,
-                cache_segment_ids=slots)
-    return DecodeState(state.step + 1, out.logits[:, 0], out.cache, slots, tokens, done, rng)
+    logits, cache, slots = token_forward(model, token, state.cache, state.slots,
+                                         prompt_len + state.step, lengths + state.step)
+    return DecodeState(state.step + 1, logits, cache, slots, tokens, done, rng)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
@@ -132,7 +155,8 @@ def decoding_model(model: Decoder) -> Decoder:
     return unstacked
 
 
-def _check(model: Decoder, prompt_len: int, config: SamplingConfig) -> None:
+def check_fits(model: Decoder, prompt_len: int, config: Any) -> None:
+    """Raises unless the model is a decoder whose positions reach prompt + `config.max_new_tokens`."""
     if not model.config.causal:
         raise ValueError("generation needs a decoder (causal) model; this one is an encoder")
     too_long = prompt_len + config.max_new_tokens > model.config.max_length
@@ -143,11 +167,21 @@ def _check(model: Decoder, prompt_len: int, config: SamplingConfig) -> None:
         )
 
 
-def _place(arrays: Sequence[np.ndarray], mesh: Mesh | None, rules: Rules) -> list[jax.Array]:
+def place_batch(arrays: Sequence[np.ndarray], mesh: Mesh | None, rules: Rules) -> list[jax.Array]:
     if mesh is None:
         return [jnp.asarray(a) for a in arrays]
     spec = lambda a: logical_to_spec(("batch",) + (None,) * (a.ndim - 1), rules, a.shape, mesh)
     return [jax.device_put(a, NamedSharding(mesh, spec(a))) for a in arrays]
+
+
+def run_on_mesh(fn: Any, arrays: Sequence[np.ndarray], mesh: Mesh | None,
+                rules: Rules | None) -> Any:
+    """`fn(*arrays)`, the arrays split over the mesh by the 'batch' rule (unplaced without one)."""
+    if mesh is None:
+        return fn(*place_batch(arrays, None, ()))
+    rules = rules or DEFAULT_RULES
+    with use_mesh(mesh, rules):
+        return fn(*place_batch(arrays, mesh, rules))
 
 
 def generate(
@@ -166,16 +200,11 @@ def generate(
     """
     config = config or SamplingConfig()
     ids, mask = left_pad(prompts, config.pad_id)
-    _check(model, ids.shape[1], config)
+    check_fits(model, ids.shape[1], config)
     rng = jax.random.key(0) if rng is None else rng
     graphdef, params = nnx.split(decoding_model(model))
-    if mesh is None:
-        tokens, lengths = _generate(graphdef, params, *_place([ids, mask], None, ()), rng, config)
-    else:
-        rules = rules or DEFAULT_RULES
-        with use_mesh(mesh, rules):
-            placed = _place([ids, mask], mesh, rules)
-            tokens, lengths = _generate(graphdef, params, *placed, rng, config)
+    run = lambda ids, mask: _generate(graphdef, params, ids, mask, rng, config)
+    tokens, lengths = run_on_mesh(run, [ids, mask], mesh, rules)
     return Generation(np.asarray(tokens), np.asarray(lengths))
 
 
@@ -200,7 +229,7 @@ def stream(
     """Yields the new tokens of one prompt as they are chosen (stops after a stop token)."""
     config = config or SamplingConfig()
     ids, mask = left_pad([prompt], config.pad_id)
-    _check(model, ids.shape[1], config)
+    check_fits(model, ids.shape[1], config)
     graphdef, params = nnx.split(decoding_model(model))
     rng = jax.random.key(0) if rng is None else rng
     state, lengths = _prefill_jit(graphdef, params, jnp.asarray(ids), jnp.asarray(mask), rng, config)
