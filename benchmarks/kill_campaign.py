@@ -23,9 +23,12 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-import orbax.checkpoint as ocp
-import tqdm
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # This process only reads the checkpoints back.
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
+import tqdm  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMING = ("time", "_per_s", "mfu", "compile")  # Fields that differ between any two runs.
@@ -50,17 +53,8 @@ def metric_rows(workdir: pathlib.Path) -> list[dict]:
 
 def arrays(directory: pathlib.Path) -> dict[str, np.ndarray]:
     tree = ocp.StandardCheckpointer().restore(directory)
-    flat: dict[str, np.ndarray] = {}
-
-    def walk(node, prefix):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{prefix}{k}/")
-        else:
-            flat[prefix] = np.asarray(node)
-
-    walk(tree, "")
-    return flat
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
 
 
 def same_arrays(a: pathlib.Path, b: pathlib.Path) -> bool:
