@@ -51,14 +51,14 @@ def main(argv: Sequence[str]) -> None:
     FLAGS = flags.FLAGS
     commands = [a for a in argv[1:] if not a.startswith("-")]
     if commands not in (["import"], ["export"]):
-        raise SystemExit("usage: python -m transformer.convert import|export --... (see --help)")
+        raise ValueError("usage: python -m transformer.convert import|export --... (see --help)")
     if commands == ["import"]:
         if not FLAGS.hf_dir or not FLAGS.output:
-            raise SystemExit("import needs --hf_dir and --output")
+            raise ValueError("import needs --hf_dir and --output")
         out = import_hf(FLAGS.hf_dir, FLAGS.output)
     else:
         if not FLAGS.checkpoint or not FLAGS.output:
-            raise SystemExit("export needs --checkpoint and --output")
+            raise ValueError("export needs --checkpoint and --output")
         out = export_checkpoint(FLAGS.checkpoint, FLAGS.output)
     print(f"wrote {out}")
 

@@ -155,19 +155,16 @@ def main(argv: Sequence[str]) -> None:
     stop = None if FLAGS.stop_ids is None else [int(i) for i in FLAGS.stop_ids]
     if FLAGS.num_beams != 1:
         if FLAGS.temperature or FLAGS.top_k or FLAGS.top_p != 1.0:
-            raise SystemExit("beam search (--num_beams > 1) is deterministic: drop --temperature, "
+            raise ValueError("beam search (--num_beams > 1) is deterministic: drop --temperature, "
                              "--top_k and --top_p, or pass --num_beams=1 to sample")
-        try:
-            config = beam_config(
-                tokenizer, num_beams=FLAGS.num_beams, max_new_tokens=FLAGS.max_new_tokens,
-                min_new_tokens=FLAGS.min_new_tokens, length_penalty=FLAGS.length_penalty,
-                early_stopping=FLAGS.early_stopping,
-                num_return_sequences=FLAGS.num_return_sequences, stop_ids=stop, chat=FLAGS.chat)
-            if not FLAGS.chat:
-                sys.stdout.write(FLAGS.prompt)
-            beam_texts(tokenizer, model, ids, config)
-        except ValueError as error:  # settings out of range, or a prompt that does not fit
-            raise SystemExit(f"\n{error}") from None
+        config = beam_config(  # A ValueError for settings out of range.
+            tokenizer, num_beams=FLAGS.num_beams, max_new_tokens=FLAGS.max_new_tokens,
+            min_new_tokens=FLAGS.min_new_tokens, length_penalty=FLAGS.length_penalty,
+            early_stopping=FLAGS.early_stopping,
+            num_return_sequences=FLAGS.num_return_sequences, stop_ids=stop, chat=FLAGS.chat)
+        if not FLAGS.chat:
+            sys.stdout.write(FLAGS.prompt)
+        beam_texts(tokenizer, model, ids, config)
         return
     config = sampling_config(tokenizer, max_new_tokens=FLAGS.max_new_tokens,
                              temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
