@@ -23,13 +23,14 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from transformer import model_io, paths, sharding
-from transformer.data import pipeline, task_packing
+from transformer.data import pipeline, poisson, task_packing
 from transformer.data.tokenizer import Tokenizer, load_tokenizer
 from transformer.models import ModelConfig
 from transformer.train import best as best_lib
 from transformer.train import (
     checkpointing,
     distributed,
+    dp,
     flops,
     layer_decay,
     objectives,
@@ -55,6 +56,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     distributed.initialize(config)
     workdir = prepare_workdir(workdir)
     config = resolve_config(config)
+    config, accountant = dp.resolve(config, lambda: poisson.count_examples(  # DP-SGD: n, q, σ.
+        config.data, config.data.train_split, objectives.task_of(config).local_format),
+        jax.process_count())
+    privacy = accountant.metrics if accountant else lambda steps: {}  # ε spent after `steps`.
     objective = objectives.get_objective(config.objective)
     if objective.resolve is not None:  # E.g. distillation: the student from the teacher's layers.
         config = objective.resolve(config)
@@ -142,7 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 clock.completed(pending[0], *pending[2])
                 if pending[0] % config.log_every == 0:
                     last_metrics = {k: float(v) for k, v in pending[1].items()}
-                    last_metrics.update(clock.rates(), **shapes.summary())
+                    last_metrics.update(clock.rates(), **shapes.summary(), **privacy(pending[0]))
                     log.write(pending[0], last_metrics)
             pending = (step + 1, metrics, tokens)
             log.advance()
@@ -164,7 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             check_finite(pending[1], config.max_bad_steps, pending[0])
             clock.completed(pending[0], *pending[2])
             last_metrics.update({k: float(v) for k, v in pending[1].items()}, **clock.rates(),
-                                **shapes.summary())
+                                **shapes.summary(), **privacy(pending[0]))
             log.write(pending[0], last_metrics)
     checkpointer.wait()
     checkpointer.close()
