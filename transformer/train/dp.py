@@ -19,6 +19,7 @@ documents, so their rows are not examples; they are refused.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -98,9 +99,22 @@ def epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: fl
         return 0.0
     if noise_multiplier <= 0:
         return math.inf
-    accountant = _fresh_accountant(kind)
-    accountant.compose(_event(noise_multiplier, sampling_rate, steps))
-    return float(accountant.get_epsilon(delta))
+    with _quiet_accountant():
+        accountant = _fresh_accountant(kind)
+        accountant.compose(_event(noise_multiplier, sampling_rate, steps))
+        return float(accountant.get_epsilon(delta))
+
+
+@contextlib.contextmanager
+def _quiet_accountant():
+    """RDP logs a warning for every order it cannot bound at small σ (and leaves it out)."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
 
 
 def calibrate_noise(target_epsilon: float, sampling_rate: float, steps: int, delta: float,
@@ -115,10 +129,11 @@ def calibrate_noise(target_epsilon: float, sampling_rate: float, steps: int, del
             f"rate q={sampling_rate:.4g} (δ={delta:.3g}): even σ={MAX_NOISE_MULTIPLIER:g} gives "
             f"ε={most:.3g}; train fewer steps, sample fewer examples a step "
             "(dp.expected_batch_size), or accept a larger ε")
-    sigma = dp_accounting.calibrate_dp_mechanism(
-        lambda: _fresh_accountant(kind), lambda s: _event(s, sampling_rate, steps),
-        target_epsilon, delta,
-        dp_accounting.ExplicitBracketInterval(1e-3, MAX_NOISE_MULTIPLIER), tol=1e-4)
+    with _quiet_accountant():
+        sigma = dp_accounting.calibrate_dp_mechanism(
+            lambda: _fresh_accountant(kind), lambda s: _event(s, sampling_rate, steps),
+            target_epsilon, delta,
+            dp_accounting.ExplicitBracketInterval(1e-3, MAX_NOISE_MULTIPLIER), tol=1e-4)
     # Brent's method returns a σ within tol; step up until the target is met, never above it.
     while epsilon(float(sigma), sampling_rate, steps, delta, kind) > target_epsilon:
         sigma *= 1.0 + 1e-4
