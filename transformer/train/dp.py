@@ -27,7 +27,6 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import dp_accounting
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -78,17 +77,25 @@ class Accountant:
                 "dp_noise_multiplier": self.noise_multiplier}
 
 
-def _event(noise_multiplier: float, sampling_rate: float, steps: int) -> dp_accounting.DpEvent:
-    return dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
-        sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)), steps)
+def _accounting() -> Any:
+    """dp_accounting, imported on first use: it takes longer to import than jax, and every
+    config (transformer/train/config.py) reads this module."""
+    import dp_accounting
+
+    return dp_accounting
 
 
-def _fresh_accountant(kind: str) -> dp_accounting.PrivacyAccountant:
-    if kind == "rdp":
-        return dp_accounting.rdp.RdpAccountant()
-    if kind == "pld":
-        return dp_accounting.pld.PLDAccountant()
-    raise ValueError(f"dp.accountant must be 'rdp' or 'pld', got {kind!r}")
+def _event(noise_multiplier: float, sampling_rate: float, steps: int) -> Any:
+    a = _accounting()
+    return a.SelfComposedDpEvent(a.PoissonSampledDpEvent(
+        sampling_rate, a.GaussianDpEvent(noise_multiplier)), steps)
+
+
+def _fresh_accountant(kind: str) -> Any:
+    if kind not in ("rdp", "pld"):
+        raise ValueError(f"dp.accountant must be 'rdp' or 'pld', got {kind!r}")
+    a = _accounting()
+    return a.rdp.RdpAccountant() if kind == "rdp" else a.pld.PLDAccountant()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -130,10 +137,10 @@ def calibrate_noise(target_epsilon: float, sampling_rate: float, steps: int, del
             f"ε={most:.3g}; train fewer steps, sample fewer examples a step "
             "(dp.expected_batch_size), or accept a larger ε")
     with _quiet_accountant():
-        sigma = dp_accounting.calibrate_dp_mechanism(
+        sigma = _accounting().calibrate_dp_mechanism(
             lambda: _fresh_accountant(kind), lambda s: _event(s, sampling_rate, steps),
             target_epsilon, delta,
-            dp_accounting.ExplicitBracketInterval(1e-3, MAX_NOISE_MULTIPLIER), tol=1e-4)
+            _accounting().ExplicitBracketInterval(1e-3, MAX_NOISE_MULTIPLIER), tol=1e-4)
     # Brent's method returns a σ within tol; step up until the target is met, never above it.
     while epsilon(float(sigma), sampling_rate, steps, delta, kind) > target_epsilon:
         sigma *= 1.0 + 1e-4
