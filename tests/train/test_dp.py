@@ -315,9 +315,9 @@ def test_resolve_pads_the_batch_switches_off_packing_and_calibrates():
 def test_the_batch_spec_is_used_for_per_example_sharding():
     mesh = sharding.make_mesh((2, 4, 1))
     spec = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    assert step_lib.dp_spmd_axes(spec, 16) == ("data", "fsdp")
+    assert dp.spmd_axes(spec, 16) == ("data", "fsdp")
     with pytest.raises(ValueError, match="multiple of the data-parallel size 8"):
-        step_lib.dp_spmd_axes(spec, 4)
+        dp.spmd_axes(spec, 4)
 
 
 def test_the_trainer_runs_dp_sgd_and_reports_epsilon(tmp_path):

@@ -277,6 +277,18 @@ def add_noise(grad_sum: Any, rng: jax.Array, stddev: float) -> Any:
     return jax.tree.unflatten(treedef, noisy)
 
 
+def spmd_axes(batch_sharding: jax.sharding.NamedSharding, microbatch: int) -> Any:
+    """The mesh axes that the batch rows are sharded over, for the vmap over a microbatch's
+    examples (each device computes the per-example gradients of its own rows)."""
+    axes = batch_sharding.spec[0] if batch_sharding.spec else None
+    size = 1 if axes is None else math.prod(batch_sharding.mesh.shape[a] for a in (
+        (axes,) if isinstance(axes, str) else axes))
+    if microbatch % size:
+        raise ValueError(f"dp.microbatch_size={microbatch} must be a multiple of the "
+                         f"data-parallel size {size} (mesh data×fsdp)")
+    return axes
+
+
 def make_private_gradient(grad_fn: Callable, config: ml_collections.ConfigDict,
                           spmd_axis_name: Any = None) -> Callable:
     """(params, frozen, microbatches, rng, use_dropout, *extra) → (noisy mean gradient, sums,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -91,7 +90,7 @@ def make_train_step(
     private = config.get("dp") and config.dp.enabled  # DP-SGD (transformer/train/dp.py).
     if private:
         private_gradient = dp.make_private_gradient(
-            grad_fn, config, dp_spmd_axes(batch_sharding, config.dp.microbatch_size))
+            grad_fn, config, dp.spmd_axes(batch_sharding, config.dp.microbatch_size))
 
     def train_step(state: TrainState, batch: Batch, teacher_params: Any = None,
                    ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -155,18 +154,6 @@ def make_train_step(
     if teacher is None:
         return jitted
     return lambda state, batch: jitted(state, batch, teacher.params)
-
-
-def dp_spmd_axes(batch_sharding: NamedSharding, microbatch: int) -> Any:
-    """The mesh axes that the batch rows are sharded over, for the vmap over a microbatch's
-    examples (each device computes the per-example gradients of its own rows)."""
-    axes = batch_sharding.spec[0] if batch_sharding.spec else None
-    size = 1 if axes is None else math.prod(batch_sharding.mesh.shape[a] for a in (
-        (axes,) if isinstance(axes, str) else axes))
-    if microbatch % size:
-        raise ValueError(f"dp.microbatch_size={microbatch} must be a multiple of the "
-                         f"data-parallel size {size} (mesh data×fsdp)")
-    return axes
 
 
 def make_eval_step(
