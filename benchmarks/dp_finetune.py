@@ -45,6 +45,7 @@ def configure(config, args, n: int, epsilon: float | None):
                         lora_targets=tuple(args.lora_targets.split(",")), dropout_rate=0.0,
                         attention_dropout_rate=0.0)
     config.finetune.classifier_dropout = 0.0
+    config.finetune.pooling = args.pooling
     config.finetune.train_also = r"^head\."
     config.data.pack_examples = False  # Both runs: one example per row.
     if epsilon is not None:
@@ -60,9 +61,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64, help="expected examples a step")
     parser.add_argument("--max_length", type=int, default=48)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--clip", type=float, default=1.0, help="per-example clip norm C")
     parser.add_argument("--microbatch", type=int, default=16, help="dp.microbatch_size")
+    parser.add_argument("--pooling", default="mean",
+                        help="mean: all-MiniLM-L6-v2's own sentence embedding (its pooler is "
+                        "untrained)")
     parser.add_argument("--lora_rank", type=int, default=1)
     parser.add_argument("--lora_targets", default="value", help="comma-separated weight names")
     parser.add_argument("--runs", default="none,8,3",
@@ -98,7 +102,8 @@ def main() -> None:
         "train_examples": n, "eval_examples": 872, "epochs": args.epochs,
         "steps": args.epochs * n // args.batch, "expected_batch": args.batch,
         "max_length": args.max_length, "learning_rate": args.lr, "clip_norm": args.clip,
-        "lora_rank": args.lora_rank, "lora_targets": args.lora_targets, "delta": 1 / n,
+        "lora_rank": args.lora_rank, "lora_targets": args.lora_targets, "pooling": args.pooling,
+        "delta": 1 / n,
         "runs": runs}}))
 
 
