@@ -143,7 +143,7 @@ def run_jax(config, workdir: pathlib.Path) -> dict:
     start = time.perf_counter()
     result = trainer.train_and_evaluate(config, workdir)
     m = result["metrics"]
-    return {"metrics": {k: v for k, v in m.items() if k.startswith("eval_")},
+    return {"metrics": {k: v for k, v in m.items() if k.startswith(("eval_", "dp_"))},
             "wall_s": time.perf_counter() - start, "compile_s": m.get("compile_s"),
             "compiled_shapes": m.get("compiled_shapes"), "steps_per_s": m.get("steps_per_s")}
 

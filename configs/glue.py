@@ -9,8 +9,9 @@ pooled [CLS] state.
 
 Variants (comma-separated): `sst2` (local TSVs in $TRANSFORMER_DATA/sst2/, the default),
 `sst2_tfds` (the TFDS catalog `glue/sst2`, prepared beforehand: nothing is downloaded), `cola`,
-`qnli`, `mnli` (GLUE TSVs under $GLUE_DIR/<TASK>/), and `ci`
-(a tiny random model, a few steps, on the repository's SST-2 sample).
+`qnli`, `mnli` (GLUE TSVs under $GLUE_DIR/<TASK>/), `dp` (differentially private fine-tuning,
+DP-SGD at ε = 8 with LoRA, e.g. `sst2,dp`), and `ci` (a tiny random model, a few steps, on the
+repository's SST-2 sample).
 """
 
 import os
@@ -54,6 +55,13 @@ def get_config(arg: str = "sst2"):
     c.learning_rate = 5e-5  # Peak, after warmup; then linear decay to 0.
     # 10% warmup; evaluate twice an epoch and at the end.
     epoch_schedule(c, TRAIN_SIZES[glue], epochs, evals_per_epoch=2)
+    if "dp" in variants:  # DP-SGD at ε = 8 (README "Private fine-tuning"): LoRA and the head.
+        c.model.update(lora_rank=8, lora_alpha=16.0, lora_targets=("query", "value"))
+        c.model.dropout_rate = c.model.attention_dropout_rate = 0.0
+        c.dp.update(enabled=True, target_epsilon=8.0, clip_norm=1.0, microbatch_size=32)
+        c.data.global_batch_size = 256  # The expected Poisson batch; large batches suit DP.
+        c.learning_rate = 2e-3
+        epoch_schedule(c, TRAIN_SIZES[glue], epochs, evals_per_epoch=2)
     if "ci" in variants:
         tiny_finetune(c)
     return c

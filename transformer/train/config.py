@@ -8,6 +8,7 @@ from ml_collections.config_dict import placeholder
 from transformer import sharding
 from transformer.data import pipeline
 from transformer.models import get_preset
+from transformer.train import dp
 
 
 def base_config(preset: str) -> ml_collections.ConfigDict:
@@ -87,6 +88,9 @@ def base_config(preset: str) -> ml_collections.ConfigDict:
     c.finetune.text_keys = "text"  # Classification: the text column, or two (comma) for pairs.
     c.finetune.label_key = "label"  # Classification: the label column.
     c.finetune.labels = ""  # Comma-separated label names ("" = those of the training split).
+
+    # Differentially private fine-tuning (DP-SGD; transformer/train/dp.py documents each field).
+    c.dp = dp.default_config()
 
     # Text samples printed at the end (decoders).
     c.samples = ml_collections.ConfigDict()

@@ -27,7 +27,7 @@ import ml_collections
 from flax import nnx
 
 from transformer import sharding
-from transformer.data import pipeline, task_packing, tasks
+from transformer.data import pipeline, poisson, task_packing, tasks
 from transformer.models import MODELS, ModelConfig
 from transformer.models.heads import HeadConfig, Placement, TaskModel
 from transformer.train import flops
@@ -203,6 +203,11 @@ def _task_data(config, tokenizer, process_index, process_count):
 
     task = task_of(config)
     task_eval.log_build_report(config.data, config.data.train_split, task.local_format)
+    if config.dp.enabled:  # DP-SGD: Poisson-sampled, padded batches (transformer/data/poisson.py).
+        rate = config.dp.expected_batch_size / config.dp.dataset_size
+        return iter(poisson.create_poisson_dataset(
+            config.data, config.data.train_split, rate, tokenizer=tokenizer,
+            process_index=process_index, process_count=process_count))
     return iter(pipeline.create_task_dataset(
         config.data, config.data.train_split, tokenizer=tokenizer,
         process_index=process_index, process_count=process_count,

@@ -60,7 +60,8 @@ def report_finetuning(result: dict, workdir: epath.Path, export: epath.Path) -> 
     """The final and best evaluation metrics, and where the models are."""
     if jax.process_index() != 0:
         return
-    final = {k: v for k, v in result["metrics"].items() if k.startswith("eval_")}
+    final = {k: v for k, v in result["metrics"].items()  # DP runs: the privacy spent too.
+             if k.startswith("eval_") or k in ("dp_epsilon", "dp_delta")}
     print(f"finished at step {int(result['state'].step)}: "
           + ", ".join(f"{k}={v:.4g}" for k, v in final.items() if not k.startswith("eval_count")),
           flush=True)

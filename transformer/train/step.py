@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from transformer import sharding
-from transformer.train import trainable
+from transformer.train import dp, trainable
 from transformer.train.objectives import get_objective
 from transformer.train.optimizer import applied_steps
 from transformer.train.state import TrainState
@@ -87,6 +87,10 @@ def make_train_step(
     accum = config.grad_accum_steps
     use_dropout = (config.model.dropout_rate > 0 or config.model.attention_dropout_rate > 0
                    or config.model.get("lora_dropout", 0.0) > 0)
+    private = config.get("dp") and config.dp.enabled  # DP-SGD (transformer/train/dp.py).
+    if private:
+        private_gradient = dp.make_private_gradient(
+            grad_fn, config, dp.spmd_axes(batch_sharding, config.dp.microbatch_size))
 
     def train_step(state: TrainState, batch: Batch, teacher_params: Any = None,
                    ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -99,7 +103,13 @@ def make_train_step(
                                        if use_dropout else None, teacher_params)
             return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
-        if accum == 1:
+        dp_metrics = {}
+        if private:
+            grads, sums, dp_metrics = private_gradient(
+                train_params, frozen, _split_microbatches(
+                    batch, batch["weights"].shape[0] // config.dp.microbatch_size),
+                rng, use_dropout, teacher_params)
+        elif accum == 1:
             (_, sums), grads = mean_grad_fn(train_params, frozen, batch,
                                             rng if use_dropout else None, teacher_params)
         else:
@@ -133,6 +143,7 @@ def make_train_step(
             "learning_rate": schedule(applied_steps(state.opt_state)),
             "skipped": new_state.skipped,
             "bad_streak": new_state.bad_streak,
+            **dp_metrics,
         }
         return new_state, metrics
 

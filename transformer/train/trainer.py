@@ -23,13 +23,14 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from transformer import model_io, paths, sharding
-from transformer.data import pipeline, task_packing
+from transformer.data import pipeline, poisson, task_packing
 from transformer.data.tokenizer import Tokenizer, load_tokenizer
 from transformer.models import ModelConfig
 from transformer.train import best as best_lib
 from transformer.train import (
     checkpointing,
     distributed,
+    dp,
     flops,
     layer_decay,
     objectives,
@@ -57,6 +58,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     distributed.initialize(config)
     workdir = prepare_workdir(workdir)
     config = resolve_config(config)
+    config, accountant = dp.resolve(config, lambda: poisson.count_examples(  # DP-SGD: n, q, σ.
+        config.data, config.data.train_split, objectives.task_of(config).local_format),
+        jax.process_count())
+    privacy = accountant.metrics if accountant else lambda steps: {}  # ε spent after `steps`.
     objective = objectives.get_objective(config.objective)
     if objective.resolve is not None:  # E.g. distillation: the student from the teacher's layers.
         config = objective.resolve(config)
@@ -149,7 +154,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         clock.completed(pending[0], *pending[2])
         if pending[0] % config.log_every == 0 or pending[0] == config.num_train_steps:
             train_metrics = {k: float(v) for k, v in pending[1].items()}
-            train_metrics.update(clock.rates(), **shapes.summary())
+            train_metrics.update(clock.rates(), **shapes.summary(), **privacy(pending[0]))
             log.write(pending[0], train_metrics)  # Train metrics only: eval lines are their own.
             last_metrics.update(train_metrics)
 
