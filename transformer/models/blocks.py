@@ -12,6 +12,7 @@ from transformer.models.attention import KVCache, MultiHeadAttention
 from transformer.models.common import dropout, split_rng
 from transformer.models.config import ModelConfig
 from transformer.models.layers import MLP, Norm
+from transformer.models.moe import MoEMLP
 from transformer.sharding import constrain
 
 REMAT_POLICIES = {
@@ -32,7 +33,7 @@ class Block(nnx.Module):
         self.attention_norm = Norm(config, rngs=rngs)
         self.attention = MultiHeadAttention(config, rngs=rngs)
         self.mlp_norm = Norm(config, rngs=rngs)
-        self.mlp = MLP(config, rngs=rngs)
+        self.mlp = MoEMLP(config, rngs=rngs) if config.num_experts else MLP(config, rngs=rngs)
 
     def __call__(
         self,
@@ -44,7 +45,10 @@ class Block(nnx.Module):
         cache_index: jax.Array | int = 0,
         dropout_rng: jax.Array | None = None,
         return_weights: bool = False,
-    ) -> tuple[jax.Array, KVCache | None, jax.Array | None]:
+        token_mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache | None, jax.Array | None, dict | None]:
+        """Returns the output, the updated cache, attention weights and (MoE) router statistics
+        over the tokens where `token_mask` [batch, length] is 1."""
         rate = self.config.dropout_rate
         attn_rng, residual1_rng, residual2_rng = split_rng(dropout_rng, 3)
         mlp_rng = residual2_rng  # Only LoRA's input dropout reads it, through keys folded from it.
@@ -52,15 +56,24 @@ class Block(nnx.Module):
             h, mask=mask, positions=positions, cache=cache, cache_index=cache_index,
             dropout_rng=attn_rng, return_weights=return_weights,
         )
+        stats = []
+
+        def feed_forward(h: jax.Array) -> jax.Array:
+            if not self.config.num_experts:
+                return self.mlp(h, mlp_rng)
+            y, layer_stats = self.mlp(h, token_mask)
+            stats.append(layer_stats)
+            return y
+
         if self.config.pre_norm:
             h, cache, weights = attend(self.attention_norm(x))
             x = x + dropout(h, rate, residual1_rng)
-            x = x + dropout(self.mlp(self.mlp_norm(x), mlp_rng), rate, residual2_rng)
+            x = x + dropout(feed_forward(self.mlp_norm(x)), rate, residual2_rng)
         else:
             h, cache, weights = attend(x)
             x = self.attention_norm(x + dropout(h, rate, residual1_rng))
-            x = self.mlp_norm(x + dropout(self.mlp(x, mlp_rng), rate, residual2_rng))
-        return x, cache, weights
+            x = self.mlp_norm(x + dropout(feed_forward(x), rate, residual2_rng))
+        return x, cache, weights, stats[0] if stats else None
 
 
 class LayerStack(nnx.Module):
@@ -90,19 +103,21 @@ class LayerStack(nnx.Module):
         cache_index: jax.Array | int = 0,
         dropout_rng: jax.Array | None = None,
         return_weights: bool = False,
-    ) -> tuple[jax.Array, KVCache | None, jax.Array | None]:
-        """Returns the output, the stacked updated cache and stacked weights [layers, ...]."""
+        token_mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache | None, jax.Array | None, dict | None]:
+        """Returns the output, the stacked updated cache, stacked weights and stacked router
+        statistics [layers, ...]."""
         cfg = self.config
         graphdef, stacked = nnx.split(self.blocks)
 
         def layer(x: jax.Array, per_layer: tuple[Any, Any, Any]) -> tuple[jax.Array, Any]:
             params, layer_cache, rng = per_layer
             block = nnx.merge(graphdef, params)
-            x, layer_cache, weights = block(
+            x, layer_cache, weights, stats = block(
                 x, mask=mask, positions=positions, cache=layer_cache, cache_index=cache_index,
-                dropout_rng=rng, return_weights=return_weights,
+                dropout_rng=rng, return_weights=return_weights, token_mask=token_mask,
             )
-            return x, (layer_cache, weights)
+            return x, (layer_cache, weights, stats)
 
         if cfg.remat_policy != "none":
             layer = jax.checkpoint(
@@ -111,14 +126,14 @@ class LayerStack(nnx.Module):
         rngs = None if dropout_rng is None else jax.random.split(dropout_rng, cfg.num_layers)
         per_layer = (stacked, cache, rngs)
         if cfg.scan_layers:
-            x, (cache, weights) = jax.lax.scan(layer, x, per_layer)
+            x, (cache, weights, stats) = jax.lax.scan(layer, x, per_layer)
         else:
             outputs = []
             for i in range(cfg.num_layers):
                 x, out = layer(x, jax.tree.map(lambda a, i=i: a[i], per_layer))
                 outputs.append(out)
-            cache, weights = jax.tree.map(lambda *a: jnp.stack(a), *outputs)
-        return x, cache, weights
+            cache, weights, stats = jax.tree.map(lambda *a: jnp.stack(a), *outputs)
+        return x, cache, weights, stats
 
     def init_cache(self, batch: int, max_length: int) -> KVCache:
         """An empty cache for every layer: [layers, batch, kv_heads, max_length, head_dim]."""
@@ -153,18 +168,22 @@ class LayerList(nnx.Module):
         cache_index: jax.Array | int = 0,
         dropout_rng: jax.Array | None = None,
         return_weights: bool = False,
-    ) -> tuple[jax.Array, list[KVCache] | None, jax.Array | None]:
+        token_mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, list[KVCache] | None, jax.Array | None, dict | None]:
         rngs = split_rng(dropout_rng, len(self.blocks))
-        caches, weights = [], []
+        caches, weights, stats = [], [], []
         for i, block in enumerate(self.blocks):
-            x, layer_cache, layer_weights = block(
+            x, layer_cache, layer_weights, layer_stats = block(
                 x, mask=mask, positions=positions, cache=None if cache is None else cache[i],
                 cache_index=cache_index, dropout_rng=rngs[i], return_weights=return_weights,
+                token_mask=token_mask,
             )
             caches.append(layer_cache)
             weights.append(layer_weights)
+            stats.append(layer_stats)
         weights = jnp.stack(weights) if return_weights else None
-        return x, None if cache is None else caches, weights
+        stats = jax.tree.map(lambda *a: jnp.stack(a), *stats) if stats[0] is not None else None
+        return x, None if cache is None else caches, weights, stats
 
     def init_cache(self, batch: int, max_length: int) -> list[KVCache]:
         return [KVCache.zeros(self.config, batch, max_length) for _ in self.blocks]
