@@ -263,6 +263,11 @@ _LLAMA = dict(
     tie_embeddings=False,
 )
 
+_MIXTRAL = dict(_LLAMA, num_experts=8, num_experts_per_token=2, moe_renormalize=True,
+                router_aux_loss_weight=0.02, rope_base=1e6)
+_QWEN2_MOE = dict(_LLAMA, attention_bias=True, norm_eps=1e-6, rope_base=1e6, num_experts=60,
+                  num_experts_per_token=4, moe_renormalize=False, router_aux_loss_weight=0.001)
+
 PRESETS: dict[str, dict[str, Any]] = {
     "bert-tiny": {**_BERT, "hidden_size": 128, "num_layers": 2, "num_heads": 2, "mlp_dim": 512},
     "bert-base": {**_BERT, "hidden_size": 768, "num_layers": 12, "num_heads": 12, "mlp_dim": 3072},
@@ -282,6 +287,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_kv_heads": 8, "mlp_dim": 8192, "max_length": 131072, "rope_base": 500000.0,
         "rope_scaling": "llama3", "rope_factor": 32.0, "rope_low_freq_factor": 1.0,
         "rope_high_freq_factor": 4.0, "rope_original_max_length": 8192, "tie_embeddings": True,
+    },
+    "mixtral-tiny": {
+        **_MIXTRAL, "hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+        "mlp_dim": 256, "num_experts": 4, "max_length": 1024,
+    },
+    # Mixtral-8x7B: 46.7B parameters, 12.9B active per token.
+    "mixtral-8x7b": {
+        **_MIXTRAL, "hidden_size": 4096, "num_layers": 32, "num_heads": 32, "num_kv_heads": 8,
+        "mlp_dim": 14336, "max_length": 32768,
+    },
+    "qwen2-moe-tiny": {
+        **_QWEN2_MOE, "vocab_size": 32000, "hidden_size": 128, "num_layers": 2, "num_heads": 4,
+        "mlp_dim": 256, "moe_mlp_dim": 64, "moe_shared_expert_dim": 256, "num_experts": 8,
+        "num_experts_per_token": 2, "max_length": 1024,
+    },
+    # Qwen1.5-MoE-A2.7B: 60 experts of width 1408, top-4, and a shared expert of width 5632.
+    "qwen1.5-moe-a2.7b": {
+        **_QWEN2_MOE, "vocab_size": 151936, "hidden_size": 2048, "num_layers": 24, "num_heads": 16,
+        "mlp_dim": 5632, "moe_mlp_dim": 1408, "moe_shared_expert_dim": 5632, "max_length": 8192,
     },
     # Llama-2-7B.
     "llama-7b": {
