@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from tests.train.test_steps import make_batches, one_device_mesh, setup, tiny_config
+from tests.train.test_steps import make_batches, one_device_mesh, tiny_config
+from tests.train.test_steps import train as train_steps
 from transformer import sharding
-from transformer.train import trainer
 
 MOE = dict(num_kv_heads=2, num_experts=8, num_experts_per_token=2, moe_mlp_dim=32,
            router_aux_loss_weight=0.02, router_z_loss_weight=0.001)
@@ -23,13 +23,9 @@ def moe_config(**changes):
 
 def train(config, mesh, batches):
     """(state, losses, the last step's metrics)."""
-    state, step, batch_sharding, rules = setup(config, mesh)
-    losses = []
-    with sharding.use_mesh(mesh, rules):
-        for batch in batches:
-            state, metrics = step(state, trainer.to_global(batch, batch_sharding))
-            losses.append(float(metrics["loss"]))
-    return state, losses, {k: np.asarray(v) for k, v in metrics.items()}
+    metrics = []
+    state, losses = train_steps(config, mesh, batches, metrics)
+    return state, losses, metrics[-1] if metrics else {}
 
 
 @pytest.fixture(scope="module")
