@@ -48,6 +48,12 @@ TINY = {
                   {**_LLAMA, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 40,
                    "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": False,
                    "qkv_bias": True}),
+    # Every second layer MoE, the others a dense MLP of width intermediate_size.
+    "qwen2_moe_step2": (transformers.Qwen2MoeForCausalLM, transformers.Qwen2MoeConfig,
+                        {**_LLAMA, "num_hidden_layers": 4, "moe_intermediate_size": 16,
+                         "shared_expert_intermediate_size": 40, "num_experts": 4,
+                         "num_experts_per_tok": 2, "decoder_sparse_step": 2,
+                         "norm_topk_prob": True}),
 }
 
 

@@ -358,13 +358,11 @@ def _mixtral_config(hf: dict[str, Any], names: Collection[str]) -> ModelConfig:
 def _qwen2_moe_config(hf: dict[str, Any], names: Collection[str]) -> ModelConfig:
     if hf.get("mlp_only_layers"):
         raise unsupported("mlp_only_layers", hf["mlp_only_layers"], "Qwen2-MoE", "only []")
-    if hf.get("decoder_sparse_step", 1) != 1:
-        raise unsupported("decoder_sparse_step", hf["decoder_sparse_step"], "Qwen2-MoE",
-                          "only 1: every layer MoE")
     return _llama_config({**hf, "attention_bias": hf.get("qkv_bias", True)}, names).replace(
         **_moe_config(hf, names, "num_experts", "Qwen2-MoE"), moe_mlp_dim=hf["moe_intermediate_size"],
         moe_shared_expert_dim=hf["shared_expert_intermediate_size"],
-        moe_renormalize=bool(hf.get("norm_topk_prob", False)))
+        moe_renormalize=bool(hf.get("norm_topk_prob", False)),
+        moe_every=hf.get("decoder_sparse_step", 1))
 
 
 def _expert_specs(c: ModelConfig, mlp: str, hub: tuple[str, str, str], names: Collection[str],
@@ -372,10 +370,9 @@ def _expert_specs(c: ModelConfig, mlp: str, hub: tuple[str, str, str], names: Co
     """Router and experts of every layer; `mlp` is the HF module of the block, `hub` the names
     of the per-expert gate, up and down projections. Fused when the checkpoint holds them so."""
     d, f, e, layers = c.hidden_size, c.expert_dim, c.num_experts, c.num_layers
-    fused = mlp.format(i=0).replace(".block_sparse_moe", ".mlp") + ".experts.gate_up_proj"
     o = "layers.blocks.mlp."
     s: Specs = {}
-    if fused in names:
+    if any(n.endswith(".mlp.experts.gate_up_proj") for n in names):
         mlp = mlp.replace(".block_sparse_moe", ".mlp")
         layer = lambda suffix: m.per_layer(mlp + suffix, layers)
         for i, ours in enumerate(("wi", "wi_gate")):
@@ -404,15 +401,32 @@ def _mixtral_specs(c: ModelConfig, p: str, names: Collection[str] = ()) -> Specs
 
 
 def _qwen2_moe_specs(c: ModelConfig, p: str, names: Collection[str] = ()) -> Specs:
-    s = _dense_attention_specs(c, p)
-    s.pop("layers.blocks.attention.out_bias", None)  # Qwen2 has no o_proj bias: ours stays 0.
-    s.update(_expert_specs(c, p + "layers.{i}.mlp", ("gate_proj", "up_proj", "down_proj"), names))
+    dense = _llama_specs(c, p)  # Attention, norms and the dense MLP, for every layer.
+    dense.pop("layers.blocks.attention.out_bias", None)  # Qwen2 has no o_proj bias: ours stays 0.
+    experts = _expert_specs(c, p + "layers.{i}.mlp", ("gate_proj", "up_proj", "down_proj"), names)
     layer = lambda suffix: m.per_layer(p + "layers.{i}.mlp." + suffix, c.num_layers)
     k, d, o = c.moe_shared_expert_dim, c.hidden_size, "layers.blocks.mlp."
-    s[o + "shared_wi"] = m.transposed(layer("shared_expert.gate_proj.weight"), k, d, stacked=True)
-    s[o + "shared_wi_gate"] = m.transposed(layer("shared_expert.up_proj.weight"), k, d, stacked=True)
-    s[o + "shared_wo"] = m.transposed(layer("shared_expert.down_proj.weight"), d, k, stacked=True)
-    s[o + "shared_gate"] = m.transposed(layer("shared_expert_gate.weight"), 1, d, stacked=True)
+    experts[o + "shared_wi"] = m.transposed(layer("shared_expert.gate_proj.weight"), k, d,
+                                            stacked=True)
+    experts[o + "shared_wi_gate"] = m.transposed(layer("shared_expert.up_proj.weight"), k, d,
+                                                 stacked=True)
+    experts[o + "shared_wo"] = m.transposed(layer("shared_expert.down_proj.weight"), d, k,
+                                            stacked=True)
+    experts[o + "shared_gate"] = m.transposed(layer("shared_expert_gate.weight"), 1, d,
+                                              stacked=True)
+    if c.moe_every == 1:
+        return {**{n: v for n, v in dense.items() if not n.startswith(o)}, **experts}
+    # decoder_sparse_step k: layers (i + 1) % k == 0 are MoE (our `moe_blocks`), others dense.
+    moe_layers = [i for i in range(c.num_layers) if (i + 1) % c.moe_every == 0]
+    dense_layers = [i for i in range(c.num_layers) if (i + 1) % c.moe_every]
+    s = {n: v for n, v in dense.items() if not n.startswith("layers.")}
+    for n, v in dense.items():
+        if n.startswith("layers.blocks."):
+            s[n] = m.select_layers(v, dense_layers)
+            if not n.startswith(o):
+                s[n.replace("layers.blocks.", "layers.moe_blocks.")] = m.select_layers(v, moe_layers)
+    for n, v in experts.items():
+        s[n.replace("layers.blocks.", "layers.moe_blocks.")] = m.select_layers(v, moe_layers)
     return s
 
 
@@ -436,7 +450,8 @@ def _qwen2_moe_to_hf(c: ModelConfig) -> dict[str, Any]:
     hf = _moe_to_hf(c, "Qwen2Moe")
     hf.update(model_type="qwen2_moe", num_experts=c.num_experts, moe_intermediate_size=c.expert_dim,
               shared_expert_intermediate_size=c.moe_shared_expert_dim, qkv_bias=c.attention_bias,
-              norm_topk_prob=c.moe_renormalize, decoder_sparse_step=1, mlp_only_layers=[],
+              norm_topk_prob=c.moe_renormalize, decoder_sparse_step=c.moe_every,
+              intermediate_size=c.mlp_dim, mlp_only_layers=[],
               use_sliding_window=c.sliding_window is not None,
               sliding_window=c.sliding_window or 4096)
     return hf
@@ -445,7 +460,8 @@ def _qwen2_moe_to_hf(c: ModelConfig) -> dict[str, Any]:
 def _moe_requirements(c: ModelConfig, shared: bool) -> dict[str, Any]:
     return dict(architecture="decoder", norm="rmsnorm", pre_norm=True, final_norm=True,
                 embedding_norm=False, position="rope", gated_mlp=True, mlp_bias=False,
-                type_vocab_size=0, num_experts=max(c.num_experts, 1), moe_every=1,
+                type_vocab_size=0, num_experts=max(c.num_experts, 1),
+                moe_every=c.moe_every if shared else 1,
                 moe_shared_expert_dim=max(c.moe_shared_expert_dim, 1) if shared else 0)
 
 

@@ -94,7 +94,8 @@ def load_hf_model(
 
 # Parameters an HF checkpoint may lack by design: BertModel has no MLM output bias, Qwen2 no
 # attention output bias.
-ZERO_IF_ABSENT = ("lm_bias", "layers.blocks.attention.out_bias")
+ZERO_IF_ABSENT = ("lm_bias", "layers.blocks.attention.out_bias",
+                  "layers.moe_blocks.attention.out_bias")
 
 
 def _check_experts(config: ModelConfig, reader: SafetensorsReader, prefix: str) -> None:

@@ -56,6 +56,13 @@ class Spec:
         return tuple(sizes)
 
 
+def select_layers(spec: Spec, layers: Sequence[int]) -> Spec:
+    """The spec of a stacked parameter restricted to some of its layers, in that order."""
+    per = spec.experts or 1
+    names = tuple(n for i in layers for n in spec.names[i * per:(i + 1) * per])
+    return dataclasses.replace(spec, names=names)
+
+
 def per_layer(template: str, num_layers: int) -> tuple[str, ...]:
     return tuple(template.format(i=i) for i in range(num_layers))
 
