@@ -30,7 +30,9 @@ import numpy as np  # noqa: E402
 import tqdm  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
-from benchmarks.timing import median_time  # noqa: E402
+# The script's own folder: a site-packages 'benchmarks' package may shadow this one.
+from timing import median_time  # noqa: E402
+
 from transformer import sharding  # noqa: E402
 from transformer.models import ModelConfig, count_params  # noqa: E402
 from transformer.train import optimizer, trainable, trainer  # noqa: E402
