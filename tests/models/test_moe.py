@@ -51,14 +51,13 @@ def _params(module):
 
 
 def _outputs_and_grads(config, state, x, cotangent):
-    module = nnx.merge(nnx.graphdef(MoEMLP(config, rngs=nnx.Rngs(0))), state)
-    graphdef, _ = nnx.split(module)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: MoEMLP(config, rngs=nnx.Rngs(0))))
 
     def loss(state, x):
         y, _ = nnx.merge(graphdef, state)(x)
         return jnp.sum(y * cotangent), y
 
-    (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(state, x)
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(state, x)
     return y, grads
 
 
@@ -105,10 +104,11 @@ def test_route_ties_and_balanced_load_balancing_loss():
 
 def test_padding_is_excluded_from_router_stats(inputs):
     x, _ = inputs
-    module = MoEMLP(_config(num_experts_per_token=2), rngs=nnx.Rngs(1))
+    graphdef, state = nnx.split(MoEMLP(_config(num_experts_per_token=2), rngs=nnx.Rngs(1)))
+    run = jax.jit(lambda state, x, mask: nnx.merge(graphdef, state)(x, mask)[1])
     mask = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    _, stats = module(x, mask)
-    _, only_real = module(jnp.concatenate([x[0, :3], x[1]])[None], None)
+    stats = run(state, x, mask)
+    only_real = run(state, jnp.concatenate([x[0, :3], x[1]])[None], jnp.ones((1, 8)))
     for key in stats:
         np.testing.assert_allclose(stats[key], only_real[key], rtol=1e-5)
     assert float(stats["tokens"]) == 8 and float(stats["expert_tokens"].sum()) == 16
@@ -123,3 +123,21 @@ def test_padding_is_excluded_from_router_stats(inputs):
 def test_bad_moe_config(changes, message):
     with pytest.raises(ValueError, match=message):
         _config(**changes)
+
+
+def test_every_second_layer_moe_scanned_equals_unrolled():
+    from transformer.models import Decoder, build_model
+
+    config = _config(moe_every=2, moe_shared_expert_dim=8)
+    ids = jnp.asarray(np.random.default_rng(3).integers(1, 64, (2, 6)), jnp.int32)
+    model = build_model(config, seed=2)
+    assert model.layers.blocks.mlp.wi[...].shape == (1, 16, 24)  # Layer 0 dense, ...
+    assert model.layers.moe_blocks.mlp.wi[...].shape == (1, 4, 16, 24)  # ... layer 1 MoE.
+    state = nnx.state(model)
+    unrolled = nnx.eval_shape(lambda: Decoder(config.replace(scan_layers=False), rngs=nnx.Rngs(0)))
+    outputs = []
+    for graphdef in (nnx.graphdef(model), nnx.graphdef(unrolled)):  # Same parameters.
+        out = jax.jit(lambda s, graphdef=graphdef: nnx.merge(graphdef, s)(ids))(state)
+        outputs.append((out.logits, out.router_stats["tokens"]))
+    np.testing.assert_allclose(outputs[0][0], outputs[1][0], atol=1e-5)
+    np.testing.assert_array_equal(outputs[0][1], [12])  # Statistics of the one MoE layer.
