@@ -206,7 +206,7 @@ def test_each_pretraining_recipe_names_its_slice_and_scaling_md_has_its_measured
     import re
 
     table = (REPO / "docs" / "scaling.md").read_text()
-    for recipe in ("bert_pretrain", "gpt2_pretrain", "llama_pretrain"):
+    for recipe in ("bert_pretrain", "gpt2_pretrain", "llama_pretrain", "moe_pretrain"):
         text = (REPO / "configs" / f"{recipe}.py").read_text()
         commands = re.findall(r"python -m transformer\.aot (--config=\S+ --topology=\S+)", text)
         assert commands, f"configs/{recipe}.py names no `transformer.aot` check"

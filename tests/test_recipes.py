@@ -15,6 +15,7 @@ VARIANTS = {
     "bert_pretrain": ["tiny", "base", "large"],
     "gpt2_pretrain": ["tiny", "small", "medium", "large", "xl"],
     "llama_pretrain": ["tiny", "1b", "7b"],
+    "moe_pretrain": ["tiny", "8x7b"],
     "sft": ["squad", "ci"],
 }
 

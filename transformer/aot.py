@@ -104,7 +104,7 @@ def lower_train_step(config: Any, devices: list[Any]) -> tuple[Any, Any, Any, An
 
     model_config = ModelConfig.from_dict(config.model.to_dict())
     rules = [tuple(r) for r in config.logical_axis_rules]
-    mesh = sharding.make_mesh([config.mesh[a] for a in sharding.MESH_AXES], devices=devices)
+    mesh = sharding.make_mesh(config.mesh.to_dict(), devices=devices)
     check_batch(config, mesh)
     tx, schedule = optimizer.make_optimizer(config)
     shapes = jax.eval_shape(train_state.make_run_init_fn(config, model_config, tx))
@@ -182,8 +182,8 @@ def run(config: Any, topology: Topology, num_slices: int = 1,
 
     devices = topology_devices(topology, num_slices)
     if per_device_batch:
-        mesh = sharding.make_mesh([config.mesh[a] for a in sharding.MESH_AXES], devices=devices)
-        config.data.global_batch_size = per_device_batch * mesh.shape["data"] * mesh.shape["fsdp"]
+        mesh = sharding.make_mesh(config.mesh.to_dict(), devices=devices)
+        config.data.global_batch_size = per_device_batch * sharding.batch_devices(mesh)
     result: dict[str, Any] = {
         "topology": topology.accelerator_type, "topology_grid": topology.name,
         "num_slices": num_slices, "devices": len(devices),
@@ -193,7 +193,7 @@ def run(config: Any, topology: Topology, num_slices: int = 1,
     }
     start = time.perf_counter()
     lowered, mesh, abstract_state, batch = lower_train_step(config, devices)
-    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    data_parallel = sharding.batch_devices(mesh)
     result["mesh"] = dict(mesh.shape)
     # Rows of data.max_length tokens that one device holds at a time (one microbatch).
     result["rows_per_device"] = (config.data.global_batch_size // data_parallel

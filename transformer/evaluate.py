@@ -64,7 +64,7 @@ def evaluate_checkpoint(
     objective = objectives.get_objective(config.objective)
     model_config = ModelConfig.from_dict(config.model.to_dict())
     rules = [tuple(r) for r in config.logical_axis_rules]
-    mesh = sharding.make_mesh([config.mesh[a] for a in sharding.MESH_AXES])
+    mesh = sharding.make_mesh(config.mesh.to_dict())
     trainer.check_batch(config, mesh)
     tokenizer = trainer.get_tokenizer(config)
 

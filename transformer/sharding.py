@@ -19,19 +19,25 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+# A mesh has the 'expert' axis only when its shape names it (MoE expert parallelism); the
+# shapes of configs that don't are unchanged.
+BASE_MESH_AXES = ("data", "fsdp", "tensor")
+# Mesh axes that split the batch.
+BATCH_MESH_AXES = ("data", "fsdp", "expert")
 
 # Logical names of parameter axes.
-PARAM_AXES = ("vocab", "embed", "heads", "kv", "mlp", "layers")
+PARAM_AXES = ("vocab", "embed", "heads", "kv", "mlp", "layers", "expert")
 # Logical names of activation axes.
 ACTIVATION_AXES = ("batch", "length", "act_embed", "act_heads", "act_mlp", "act_vocab")
 
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 
 # Data parallelism over 'data', ZeRO-3 style sharding of parameters over 'fsdp' (whose devices
-# also split the batch), Megatron-style tensor parallelism over 'tensor'.
+# also split the batch), Megatron-style tensor parallelism over 'tensor', the experts of MoE
+# blocks over 'expert' (whose devices also split the batch: each holds E / n experts).
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", BATCH_MESH_AXES),
     ("length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
@@ -43,6 +49,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("kv", None),
     ("mlp", "tensor"),
     ("layers", None),
+    ("expert", "expert"),
 )
 
 _active_rules: contextvars.ContextVar[dict[str, tuple[str, ...]] | None] = contextvars.ContextVar(
@@ -51,31 +58,48 @@ _active_rules: contextvars.ContextVar[dict[str, tuple[str, ...]] | None] = conte
 
 
 def data_parallel_size(shape: Mapping[str, int], device_count: int | None = None) -> int:
-    """Devices the batch is split over (data × fsdp) in the mesh `shape`."""
+    """Devices the batch is split over (data × fsdp × expert) in the mesh `shape`."""
     count = jax.device_count() if device_count is None else device_count
-    sizes = dict(zip(MESH_AXES, mesh_sizes(shape, count)))
-    return sizes["data"] * sizes["fsdp"]
+    sizes = dict(zip(mesh_axes(shape), mesh_sizes(shape, count)))
+    return math.prod(sizes.get(a, 1) for a in BATCH_MESH_AXES)
+
+
+def batch_devices(mesh: Mesh) -> int:
+    """Devices of `mesh` the batch is split over."""
+    return math.prod(mesh.shape.get(a, 1) for a in BATCH_MESH_AXES)
+
+
+def mesh_axes(shape: Mapping[str, int] | Sequence[int]) -> tuple[str, ...]:
+    """The axes of a mesh of `shape`: with 'expert' when the shape names it (4 sizes)."""
+    if isinstance(shape, Mapping):
+        return MESH_AXES if "expert" in shape else BASE_MESH_AXES
+    return MESH_AXES if len(shape) == len(MESH_AXES) else BASE_MESH_AXES
 
 
 def make_mesh(
     shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
-    """A mesh over `devices` (default: all) with axes ('data', 'fsdp', 'tensor').
+    """A mesh over `devices` (default: all) with axes ('data', 'fsdp', 'tensor'), or ('data',
+    'fsdp', 'expert', 'tensor') when `shape` names 'expert' (a mapping) or has four sizes.
 
     `shape` gives each axis size; one may be -1 for "the rest of the devices".
     """
     devices = list(jax.devices() if devices is None else devices)
+    axes = mesh_axes(shape)
     device_grid = np.asarray(devices).reshape(mesh_sizes(shape, len(devices)))
-    return Mesh(device_grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+    return Mesh(device_grid, axes, axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
 
 
 def mesh_sizes(shape: Mapping[str, int] | Sequence[int], device_count: int) -> list[int]:
-    """Each mesh axis's size for `device_count` devices, -1 ("the rest") resolved; checked."""
-    sizes = [shape.get(a, 1) for a in MESH_AXES] if isinstance(shape, Mapping) else list(shape)
+    """Each mesh axis's size (in `mesh_axes(shape)` order) for `device_count` devices, -1 ("the
+    rest") resolved; checked."""
+    axes = mesh_axes(shape)
+    sizes = [shape.get(a, 1) for a in axes] if isinstance(shape, Mapping) else list(shape)
     if isinstance(shape, Mapping) and (extra := set(shape) - set(MESH_AXES)):
         raise ValueError(f"unknown mesh axes {sorted(extra)}; the mesh axes are {MESH_AXES}")
-    if len(sizes) != len(MESH_AXES):
-        raise ValueError(f"mesh shape {sizes} needs one size per axis {MESH_AXES}")
+    if len(sizes) != len(axes):
+        raise ValueError(f"mesh shape {sizes} needs one size per axis {BASE_MESH_AXES} "
+                         f"(or {MESH_AXES})")
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh shape {sizes}: at most one axis may be -1")
     known = math.prod(s for s in sizes if s != -1)
@@ -87,7 +111,7 @@ def mesh_sizes(shape: Mapping[str, int] | Sequence[int], device_count: int) -> l
         sizes[sizes.index(-1)] = device_count // known
     if math.prod(sizes) != device_count:
         raise ValueError(
-            f"mesh shape {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices but "
+            f"mesh shape {dict(zip(axes, sizes))} has {math.prod(sizes)} devices but "
             f"{device_count} are available; make the product equal the device count "
             "(or use -1 on one axis)"
         )
@@ -131,7 +155,7 @@ def logical_to_spec(
             )
         axes = tuple(a for a in table[name] if a not in used)
         if mesh is not None:
-            axes = tuple(a for a in axes if mesh.shape[a] > 1)
+            axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
             if shape is not None and axes and shape[dim] % math.prod(mesh.shape[a] for a in axes):
                 axes = ()
         used.update(axes)
@@ -153,10 +177,26 @@ def state_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
         value = variable.get_value()
         if len(names) != len(value.shape):
             names = (None,) * len(value.shape)
+        _check_experts_divide(names, value.shape, table, mesh)
         spec = logical_to_spec(names, table, value.shape, mesh)
         return variable.replace(NamedSharding(mesh, spec))
 
     return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _check_experts_divide(names: Sequence[str | None], shape: Sequence[int],
+                          table: Mapping[str, tuple[str, ...]], mesh: Mesh) -> None:
+    """Experts are split over their mesh axes, never silently replicated: each device holds
+    E / n whole experts."""
+    if "expert" not in names:
+        return
+    experts = shape[list(names).index("expert")]
+    devices = math.prod(mesh.shape.get(a, 1) for a in table.get("expert", ()))
+    if experts % devices:
+        raise ValueError(
+            f"{experts} experts do not split over the {devices} devices of mesh axes "
+            f"{table['expert']} (mesh {dict(mesh.shape)}); use an expert axis size that divides "
+            f"num_experts={experts}")
 
 
 def check_rules(model_or_state: Any, rules: Rules) -> None:

@@ -41,6 +41,19 @@ TINY = {
                 {**_LLAMA, "sliding_window": None, "head_dim": 16}),
     "mistral_window": (transformers.MistralForCausalLM, transformers.MistralConfig,
                        {**_LLAMA, "sliding_window": 4}),
+    "mixtral": (transformers.MixtralForCausalLM, transformers.MixtralConfig,
+                {**_LLAMA, "intermediate_size": 24, "num_local_experts": 4,
+                 "num_experts_per_tok": 2, "sliding_window": None}),
+    "qwen2_moe": (transformers.Qwen2MoeForCausalLM, transformers.Qwen2MoeConfig,
+                  {**_LLAMA, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 40,
+                   "num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": False,
+                   "qkv_bias": True}),
+    # Every second layer MoE, the others a dense MLP of width intermediate_size.
+    "qwen2_moe_step2": (transformers.Qwen2MoeForCausalLM, transformers.Qwen2MoeConfig,
+                        {**_LLAMA, "num_hidden_layers": 4, "moe_intermediate_size": 16,
+                         "shared_expert_intermediate_size": 40, "num_experts": 4,
+                         "num_experts_per_tok": 2, "decoder_sparse_step": 2,
+                         "norm_topk_prob": True}),
 }
 
 

@@ -60,13 +60,16 @@ def setup(config, mesh):
     return state, step, batch_sharding, rules
 
 
-def train(config, mesh, batches):
+def train(config, mesh, batches, metrics_out=None):
+    """(state, losses); every step's metrics are appended to `metrics_out` when given."""
     state, step, batch_sharding, rules = setup(config, mesh)
     losses = []
     with sharding.use_mesh(mesh, rules):
         for batch in batches:
             state, metrics = step(state, trainer.to_global(batch, batch_sharding))
             losses.append(float(metrics["loss"]))
+            if metrics_out is not None:
+                metrics_out.append({k: np.asarray(v) for k, v in metrics.items()})
     return state, losses
 
 

@@ -25,6 +25,12 @@ def hf_tensors(model: Encoder | Decoder) -> tuple[dict, dict[str, np.ndarray]]:
     skipped = sorted(set(params) - set(specs))
     if skipped:  # E.g. the MLM bias of an encoder without MLM head: BertModel has no place for it.
         logging.warning("not exported (no Hugging Face equivalent): %s", skipped)
+    # Qwen2 has no attention output bias: one that was trained away from 0 cannot be written.
+    if trained := [p for p in skipped if p.endswith("attention.out_bias") and np.any(
+            np.asarray(jax.device_get(params[p])) != 0)]:
+        raise ValueError(f"{trained} are not zero, but {family.name} has no attention output "
+                         "bias: the exported model would compute something else (our model "
+                         "trains that bias; zero it to export, at the cost of that change)")
     paths = sorted(specs)
     values = [np.asarray(jax.device_get(params[p])) for p in paths]
     tensors = mapping.assemble([specs[p] for p in paths], values)

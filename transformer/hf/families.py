@@ -32,7 +32,7 @@ class Family:
     model_types: tuple[str, ...]
     config_from_hf: Callable[[dict[str, Any], Collection[str]], ModelConfig]
     config_to_hf: Callable[[ModelConfig], dict[str, Any]]
-    specs: Callable[[ModelConfig, str], Specs]
+    specs: Callable[..., Specs]  # (config, prefix[, tensor names: MoE layouts]) → specs
     prefixes: tuple[str, ...]  # Name prefixes of the base model ('' = a bare base model).
     probe: str  # A tensor every checkpoint of the family has, to find the prefix.
     export_prefix: Callable[[ModelConfig], str]
@@ -144,7 +144,7 @@ def _bert_requirements(c: ModelConfig) -> dict[str, Any]:
     return dict(architecture="encoder", norm="layernorm", pre_norm=False, final_norm=False,
                 embedding_norm=True, position="learned", gated_mlp=False, attention_bias=True,
                 mlp_bias=True, kv_heads=c.num_heads, dim_per_head=c.hidden_size // c.num_heads,
-                type_vocab_size=max(c.type_vocab_size, 1))
+                type_vocab_size=max(c.type_vocab_size, 1), num_experts=0)
 
 
 BERT = Family(
@@ -218,7 +218,7 @@ def _gpt2_requirements(c: ModelConfig) -> dict[str, Any]:
     return dict(architecture="decoder", norm="layernorm", pre_norm=True, final_norm=True,
                 embedding_norm=False, position="learned", gated_mlp=False, attention_bias=True,
                 mlp_bias=True, kv_heads=c.num_heads, dim_per_head=c.hidden_size // c.num_heads,
-                type_vocab_size=0)
+                type_vocab_size=0, num_experts=0)
 
 
 GPT2 = Family(
@@ -325,7 +325,7 @@ def _llama_to_hf(c: ModelConfig) -> dict[str, Any]:
 def _llama_requirements(c: ModelConfig) -> dict[str, Any]:
     return dict(architecture="decoder", norm="rmsnorm", pre_norm=True, final_norm=True,
                 embedding_norm=False, position="rope", gated_mlp=True, mlp_bias=False,
-                type_vocab_size=0)
+                type_vocab_size=0, num_experts=0)
 
 
 LLAMA = Family(
@@ -333,7 +333,161 @@ LLAMA = Family(
     "embed_tokens.weight", lambda c: "model.", _llama_requirements,
 )
 
-FAMILIES = (BERT, GPT2, LLAMA)
+
+# ------------------------------------------------------------------------ Mixtral and Qwen2-MoE
+#
+# Two layouts of the experts: the Hub's one tensor per expert (what save_pretrained writes,
+# `block_sparse_moe.experts.{j}.w1` for Mixtral, `mlp.experts.{j}.gate_proj` for Qwen2-MoE), and
+# transformers 5's fused modules (`mlp.experts.gate_up_proj` [E, 2f, d], `mlp.experts.down_proj`
+# [E, d, f]). Import reads either; export writes the Hub layout, which transformers 5 converts.
+
+
+def _moe_config(hf: dict[str, Any], names: Collection[str], experts_key: str,
+                family: str) -> dict[str, Any]:
+    if hf.get("router_jitter_noise"):
+        raise unsupported("router_jitter_noise", hf["router_jitter_noise"], family, "only 0")
+    return dict(num_experts=hf[experts_key], num_experts_per_token=hf["num_experts_per_tok"],
+                router_aux_loss_weight=float(hf.get("router_aux_loss_coef", 0.0)))
+
+
+def _mixtral_config(hf: dict[str, Any], names: Collection[str]) -> ModelConfig:
+    return _llama_config(hf, names).replace(
+        **_moe_config(hf, names, "num_local_experts", "Mixtral"), moe_renormalize=True)
+
+
+def _qwen2_moe_config(hf: dict[str, Any], names: Collection[str]) -> ModelConfig:
+    if hf.get("mlp_only_layers"):
+        raise unsupported("mlp_only_layers", hf["mlp_only_layers"], "Qwen2-MoE", "only []")
+    return _llama_config({**hf, "attention_bias": hf.get("qkv_bias", True)}, names).replace(
+        **_moe_config(hf, names, "num_experts", "Qwen2-MoE"), moe_mlp_dim=hf["moe_intermediate_size"],
+        moe_shared_expert_dim=hf["shared_expert_intermediate_size"],
+        moe_renormalize=bool(hf.get("norm_topk_prob", False)),
+        moe_every=hf.get("decoder_sparse_step", 1))
+
+
+def _expert_specs(c: ModelConfig, mlp: str, hub: tuple[str, str, str], names: Collection[str],
+                  ) -> Specs:
+    """Router and experts of every layer; `mlp` is the HF module of the block, `hub` the names
+    of the per-expert gate, up and down projections. Fused when the checkpoint holds them so."""
+    d, f, e, layers = c.hidden_size, c.expert_dim, c.num_experts, c.num_layers
+    o = "layers.blocks.mlp."
+    s: Specs = {}
+    if any(n.endswith(".mlp.experts.gate_up_proj") for n in names):
+        mlp = mlp.replace(".block_sparse_moe", ".mlp")
+        layer = lambda suffix: m.per_layer(mlp + suffix, layers)
+        for i, ours in enumerate(("wi", "wi_gate")):
+            s[o + ours] = m.Spec(layer(".experts.gate_up_proj"), ((e,), (f,), (d,)), (0, 2, 1),
+                                 stacked=True, window=(1, i * f, 2 * f))
+        s[o + "wo"] = m.Spec(layer(".experts.down_proj"), ((e,), (d,), (f,)), (0, 2, 1),
+                             stacked=True)
+    else:
+        per_expert = lambda name: tuple(f"{mlp.format(i=i)}.experts.{j}.{name}.weight"
+                                        for i in range(layers) for j in range(e))
+        gate, up, down = hub
+        s[o + "wi"] = m.transposed(per_expert(gate), f, d, stacked=True, experts=e)
+        s[o + "wi_gate"] = m.transposed(per_expert(up), f, d, stacked=True, experts=e)
+        s[o + "wo"] = m.transposed(per_expert(down), d, f, stacked=True, experts=e)
+    s[o + "router"] = m.transposed(m.per_layer(mlp + ".gate.weight", layers), e, d, stacked=True)
+    return s
+
+
+def _dense_attention_specs(c: ModelConfig, p: str) -> Specs:
+    return {k: v for k, v in _llama_specs(c, p).items() if not k.startswith("layers.blocks.mlp.")}
+
+
+def _mixtral_specs(c: ModelConfig, p: str, names: Collection[str] = ()) -> Specs:
+    return {**_dense_attention_specs(c, p), **_expert_specs(
+        c, p + "layers.{i}.block_sparse_moe", ("w1", "w3", "w2"), names)}
+
+
+def _qwen2_moe_specs(c: ModelConfig, p: str, names: Collection[str] = ()) -> Specs:
+    dense = _llama_specs(c, p)  # Attention, norms and the dense MLP, for every layer.
+    dense.pop("layers.blocks.attention.out_bias", None)  # Qwen2 has no o_proj bias: ours stays 0.
+    experts = _expert_specs(c, p + "layers.{i}.mlp", ("gate_proj", "up_proj", "down_proj"), names)
+    layer = lambda suffix: m.per_layer(p + "layers.{i}.mlp." + suffix, c.num_layers)
+    k, d, o = c.moe_shared_expert_dim, c.hidden_size, "layers.blocks.mlp."
+    experts[o + "shared_wi"] = m.transposed(layer("shared_expert.gate_proj.weight"), k, d,
+                                            stacked=True)
+    experts[o + "shared_wi_gate"] = m.transposed(layer("shared_expert.up_proj.weight"), k, d,
+                                                 stacked=True)
+    experts[o + "shared_wo"] = m.transposed(layer("shared_expert.down_proj.weight"), d, k,
+                                            stacked=True)
+    experts[o + "shared_gate"] = m.transposed(layer("shared_expert_gate.weight"), 1, d,
+                                              stacked=True)
+    if c.moe_every == 1:
+        return {**{n: v for n, v in dense.items() if not n.startswith(o)}, **experts}
+    # decoder_sparse_step k: layers (i + 1) % k == 0 are MoE (our `moe_blocks`), others dense.
+    moe_layers = [i for i in range(c.num_layers) if (i + 1) % c.moe_every == 0]
+    dense_layers = [i for i in range(c.num_layers) if (i + 1) % c.moe_every]
+    s = {n: v for n, v in dense.items() if not n.startswith("layers.")}
+    for n, v in dense.items():
+        if n.startswith("layers.blocks."):
+            s[n] = m.select_layers(v, dense_layers)
+            if not n.startswith(o):
+                s[n.replace("layers.blocks.", "layers.moe_blocks.")] = m.select_layers(v, moe_layers)
+    for n, v in experts.items():
+        s[n.replace("layers.blocks.", "layers.moe_blocks.")] = m.select_layers(v, moe_layers)
+    return s
+
+
+def _moe_to_hf(c: ModelConfig, kind: str) -> dict[str, Any]:
+    hf = _llama_to_hf(c)
+    hf.update(architectures=[f"{kind}ForCausalLM"], num_experts_per_tok=c.num_experts_per_token,
+              router_aux_loss_coef=c.router_aux_loss_weight, output_router_logits=False)
+    for key in ("mlp_bias", "attention_bias"):
+        hf.pop(key)
+    return hf
+
+
+def _mixtral_to_hf(c: ModelConfig) -> dict[str, Any]:
+    hf = _moe_to_hf(c, "Mixtral")
+    hf.update(model_type="mixtral", num_local_experts=c.num_experts, router_jitter_noise=0.0,
+              sliding_window=c.sliding_window)
+    return hf
+
+
+def _qwen2_moe_to_hf(c: ModelConfig) -> dict[str, Any]:
+    hf = _moe_to_hf(c, "Qwen2Moe")
+    hf.update(model_type="qwen2_moe", num_experts=c.num_experts, moe_intermediate_size=c.expert_dim,
+              shared_expert_intermediate_size=c.moe_shared_expert_dim, qkv_bias=c.attention_bias,
+              norm_topk_prob=c.moe_renormalize, decoder_sparse_step=c.moe_every,
+              intermediate_size=c.mlp_dim, mlp_only_layers=[],
+              use_sliding_window=c.sliding_window is not None,
+              sliding_window=c.sliding_window or 4096)
+    return hf
+
+
+def _moe_requirements(c: ModelConfig, shared: bool) -> dict[str, Any]:
+    return dict(architecture="decoder", norm="rmsnorm", pre_norm=True, final_norm=True,
+                embedding_norm=False, position="rope", gated_mlp=True, mlp_bias=False,
+                type_vocab_size=0, num_experts=max(c.num_experts, 1),
+                moe_every=c.moe_every if shared else 1,
+                moe_shared_expert_dim=max(c.moe_shared_expert_dim, 1) if shared else 0)
+
+
+MIXTRAL = Family(
+    "Mixtral", ("mixtral",), _mixtral_config, _mixtral_to_hf, _mixtral_specs, ("", "model."),
+    "embed_tokens.weight", lambda c: "model.",
+    lambda c: {**_moe_requirements(c, shared=False), "attention_bias": False,
+               "moe_renormalize": True},
+)
+QWEN2_MOE = Family(
+    "Qwen2-MoE", ("qwen2_moe",), _qwen2_moe_config, _qwen2_moe_to_hf, _qwen2_moe_specs,
+    ("", "model."), "embed_tokens.weight", lambda c: "model.",
+    lambda c: _moe_requirements(c, shared=True),
+)
+# Families whose specs depend on the checkpoint's tensor names (the expert layout).
+LAYOUT_DEPENDENT = (MIXTRAL, QWEN2_MOE)
+
+FAMILIES = (BERT, GPT2, LLAMA, MIXTRAL, QWEN2_MOE)
+
+
+def specs_for(family: Family, config: ModelConfig, prefix: str,
+              names: Collection[str] = ()) -> Specs:
+    """The family's specs for a checkpoint holding the tensors `names` (() = export layout)."""
+    if family in LAYOUT_DEPENDENT:
+        return family.specs(config, prefix, names)
+    return family.specs(config, prefix)
 
 
 def family_for_model_type(model_type: str | None) -> Family:

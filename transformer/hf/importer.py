@@ -69,7 +69,8 @@ def load_hf_model(
     config = family.config_from_hf(hf, names)
     overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
     config = config.replace(**overrides)
-    specs = family.specs(config, family.prefix(names))
+    _check_experts(config, reader, family.prefix(names))
+    specs = families.specs_for(family, config, family.prefix(names), names)
 
     abstract = nnx.eval_shape(lambda: MODELS[config.architecture](config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
@@ -94,8 +95,25 @@ def load_hf_model(
     return nnx.merge(graphdef, abstract_state)
 
 
-# Parameters an HF checkpoint may lack by design: BertModel has no MLM output bias.
-ZERO_IF_ABSENT = ("lm_bias",)
+# Parameters an HF checkpoint may lack by design: BertModel has no MLM output bias, Qwen2 no
+# attention output bias.
+ZERO_IF_ABSENT = ("lm_bias", "layers.blocks.attention.out_bias",
+                  "layers.moe_blocks.attention.out_bias")
+
+
+def _check_experts(config: ModelConfig, reader: SafetensorsReader, prefix: str) -> None:
+    """The experts the checkpoint's routers route to must be config.json's expert count."""
+    if not config.num_experts:
+        return
+    for name in reader.names():
+        if name.startswith(prefix + "layers.") and name.endswith("mlp.gate.weight") or (
+                name.endswith("block_sparse_moe.gate.weight")):
+            rows = reader.shape(name)[0]
+            if rows != config.num_experts:
+                raise ValueError(
+                    f"{name} routes to {rows} experts but config.json says num_experts="
+                    f"{config.num_experts}; the folder mixes two models: fix config.json or "
+                    "use the weights of the configured model")
 
 
 def _check(

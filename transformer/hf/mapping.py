@@ -26,6 +26,9 @@ class Spec:
     stacked: bool = False  # Our leading 'layers' axis runs over `names`.
     # (HF axis, offset, total size): the parameter is a window of a fused tensor (GPT-2 c_attn).
     window: tuple[int, int, int] | None = None
+    # Per-expert tensors (Mixtral on the Hub): `names` runs over layers, then `experts` experts
+    # each, read into our leading [layers, experts] axes.
+    experts: int = 0
 
     @property
     def layer_shape(self) -> tuple[int, ...]:
@@ -34,8 +37,15 @@ class Spec:
         return tuple(flat[p] for p in self.perm)
 
     @property
+    def stack_shape(self) -> tuple[int, ...]:
+        """Our leading axes that run over `names`: (), (layers,) or (layers, experts)."""
+        if self.experts:
+            return (len(self.names) // self.experts, self.experts)
+        return (len(self.names),) if self.stacked else ()
+
+    @property
     def shape(self) -> tuple[int, ...]:
-        return ((len(self.names),) if self.stacked else ()) + self.layer_shape
+        return self.stack_shape + self.layer_shape
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
@@ -44,6 +54,13 @@ class Spec:
         if self.window is not None:
             sizes[self.window[0]] = self.window[2]
         return tuple(sizes)
+
+
+def select_layers(spec: Spec, layers: Sequence[int]) -> Spec:
+    """The spec of a stacked parameter restricted to some of its layers, in that order."""
+    per = spec.experts or 1
+    names = tuple(n for i in layers for n in spec.names[i * per:(i + 1) * per])
+    return dataclasses.replace(spec, names=names)
 
 
 def per_layer(template: str, num_layers: int) -> tuple[str, ...]:
@@ -87,11 +104,16 @@ def read_block(spec: Spec, index: Sequence[slice], read: Reader) -> np.ndarray:
     head_dim inside a heads axis) are read whole and cut after the reshape.
     """
     index = [slice(*s.indices(n)) for s, n in zip(index, spec.shape)]
-    if spec.stacked:
-        layers, rest = index[0], index[1:]
-        blocks = [_read_layer(spec, spec.names[i], rest, read) for i in range(layers.start, layers.stop)]
-        return np.stack(blocks) if blocks else np.zeros((0, *_sizes(rest)), np.float32)
-    return _read_layer(spec, spec.names[0], index, read)
+    stack = spec.stack_shape
+    if not stack:
+        return _read_layer(spec, spec.names[0], index, read)
+    outer, rest = index[:len(stack)], index[len(stack):]
+    flat = [int(i) for i in np.ravel_multi_index(
+        np.meshgrid(*[np.arange(s.start, s.stop) for s in outer], indexing="ij"), stack).ravel()]
+    blocks = [_read_layer(spec, spec.names[i], rest, read) for i in flat]
+    if not blocks:
+        return np.zeros((*_sizes(outer), *_sizes(rest)), np.float32)
+    return np.stack(blocks).reshape(*_sizes(outer), *blocks[0].shape)
 
 
 def _sizes(index: Sequence[slice]) -> list[int]:
@@ -117,7 +139,7 @@ def _read_layer(spec: Spec, name: str, index: Sequence[slice], read: Reader) -> 
 
 def to_hf(spec: Spec, value: np.ndarray) -> dict[str, np.ndarray]:
     """Our parameter → {HF name: tensor} (for a window: that part of the fused tensor)."""
-    layers = value if spec.stacked else value[None]
+    layers = value.reshape(-1, *spec.layer_shape)
     inverse = tuple(int(i) for i in np.argsort(spec.perm))
     part_shape = tuple(math.prod(f) for f in spec.hf_split)
     return {

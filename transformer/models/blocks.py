@@ -12,6 +12,7 @@ from transformer.models.attention import KVCache, MultiHeadAttention
 from transformer.models.common import dropout, split_rng
 from transformer.models.config import ModelConfig
 from transformer.models.layers import MLP, Norm
+from transformer.models.moe import MoEMLP
 from transformer.sharding import constrain
 
 REMAT_POLICIES = {
@@ -27,12 +28,14 @@ class Block(nnx.Module):
     Pre-LN (GPT-2, Llama): x + f(norm(x)). Post-LN (BERT, the original Transformer): norm(x + f(x)).
     """
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, moe: bool | None = None):
+        """`moe`: a mixture-of-experts feed-forward block (default: when the config has experts)."""
         self.config = config
         self.attention_norm = Norm(config, rngs=rngs)
         self.attention = MultiHeadAttention(config, rngs=rngs)
         self.mlp_norm = Norm(config, rngs=rngs)
-        self.mlp = MLP(config, rngs=rngs)
+        moe = bool(config.num_experts) if moe is None else moe
+        self.mlp = MoEMLP(config, rngs=rngs) if moe else MLP(config, rngs=rngs)
 
     def __call__(
         self,
@@ -44,7 +47,10 @@ class Block(nnx.Module):
         cache_index: jax.Array | int = 0,
         dropout_rng: jax.Array | None = None,
         return_weights: bool = False,
-    ) -> tuple[jax.Array, KVCache | None, jax.Array | None]:
+        token_mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache | None, jax.Array | None, dict | None]:
+        """Returns the output, the updated cache, attention weights and (MoE) router statistics
+        over the tokens where `token_mask` [batch, length] is 1."""
         rate = self.config.dropout_rate
         attn_rng, residual1_rng, residual2_rng = split_rng(dropout_rng, 3)
         mlp_rng = residual2_rng  # Only LoRA's input dropout reads it, through keys folded from it.
@@ -52,15 +58,24 @@ class Block(nnx.Module):
             h, mask=mask, positions=positions, cache=cache, cache_index=cache_index,
             dropout_rng=attn_rng, return_weights=return_weights,
         )
+        stats = []
+
+        def feed_forward(h: jax.Array) -> jax.Array:
+            if not isinstance(self.mlp, MoEMLP):
+                return self.mlp(h, mlp_rng)
+            y, layer_stats = self.mlp(h, token_mask)
+            stats.append(layer_stats)
+            return y
+
         if self.config.pre_norm:
             h, cache, weights = attend(self.attention_norm(x))
             x = x + dropout(h, rate, residual1_rng)
-            x = x + dropout(self.mlp(self.mlp_norm(x), mlp_rng), rate, residual2_rng)
+            x = x + dropout(feed_forward(self.mlp_norm(x)), rate, residual2_rng)
         else:
             h, cache, weights = attend(x)
             x = self.attention_norm(x + dropout(h, rate, residual1_rng))
-            x = self.mlp_norm(x + dropout(self.mlp(x, mlp_rng), rate, residual2_rng))
-        return x, cache, weights
+            x = self.mlp_norm(x + dropout(feed_forward(x), rate, residual2_rng))
+        return x, cache, weights, stats[0] if stats else None
 
 
 class LayerStack(nnx.Module):
@@ -68,17 +83,28 @@ class LayerStack(nnx.Module):
 
     The stacked layout is the same whether the stack runs as one `lax.scan` (compiles one layer,
     the default) or unrolled in Python (lets XLA fuse across layers), so checkpoints work with both.
+    With MoE on every k-th layer (`moe_every` = k > 1), the k - 1 dense blocks of each group of k
+    are stacked in `blocks` and the MoE blocks in `moe_blocks`; the scan runs over the groups.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
+        self.group = config.moe_every if config.num_experts else 1
 
-        @nnx.split_rngs(splits=config.num_layers)
-        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def create(rngs: nnx.Rngs) -> Block:
-            return Block(config, rngs=rngs)
+        def stack(count: int, moe: bool | None) -> Block:
+            @nnx.split_rngs(splits=count)
+            @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def create(rngs: nnx.Rngs) -> Block:
+                return Block(config, rngs=rngs, moe=moe)
 
-        self.blocks = create(rngs)
+            return create(rngs)
+
+        if self.group == 1:
+            self.blocks = stack(config.num_layers, None)
+        else:
+            groups = config.num_layers // self.group
+            self.blocks = stack(config.num_layers - groups, False)
+            self.moe_blocks = stack(groups, True)
 
     def __call__(
         self,
@@ -90,35 +116,73 @@ class LayerStack(nnx.Module):
         cache_index: jax.Array | int = 0,
         dropout_rng: jax.Array | None = None,
         return_weights: bool = False,
-    ) -> tuple[jax.Array, KVCache | None, jax.Array | None]:
-        """Returns the output, the stacked updated cache and stacked weights [layers, ...]."""
+        token_mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache | None, jax.Array | None, dict | None]:
+        """Returns the output, the stacked updated cache, stacked weights and stacked router
+        statistics [layers, ...] (MoE layers only)."""
         cfg = self.config
-        graphdef, stacked = nnx.split(self.blocks)
+        k, groups = self.group, cfg.num_layers // self.group
+        members = [nnx.split(self.blocks)]  # (graphdef, stacked params) of each kind of block.
+        if k > 1:
+            members.append(nnx.split(self.moe_blocks))
+        # Group g is layers g·k ... g·k + k - 1: the dense ones, then (k > 1) the MoE one.
+        by_group = lambda a, n: a.reshape(groups, n, *a.shape[1:])
+        dense = jax.tree.map(lambda a: by_group(a, max(k - 1, 1)), members[0][1])
+        moe_params = members[1][1] if k > 1 else None
 
-        def layer(x: jax.Array, per_layer: tuple[Any, Any, Any]) -> tuple[jax.Array, Any]:
-            params, layer_cache, rng = per_layer
-            block = nnx.merge(graphdef, params)
-            x, layer_cache, weights = block(
-                x, mask=mask, positions=positions, cache=layer_cache, cache_index=cache_index,
-                dropout_rng=rng, return_weights=return_weights,
-            )
-            return x, (layer_cache, weights)
+        def group(x: jax.Array, per_group: tuple[Any, ...]) -> tuple[jax.Array, Any]:
+            dense_params, moe_group, group_cache, rng = per_group
+            caches, weights, stats = [], [], None
+            for j in range(k):
+                take = lambda tree, j=j: jax.tree.map(lambda a: a[j], tree)
+                if k > 1 and j == k - 1:
+                    graphdef, params = members[1][0], moe_group
+                else:
+                    graphdef, params = members[0][0], take(dense_params)
+                x, layer_cache, layer_weights, layer_stats = nnx.merge(graphdef, params)(
+                    x, mask=mask, positions=positions, cache=take(group_cache),
+                    cache_index=cache_index, dropout_rng=take(rng), return_weights=return_weights,
+                    token_mask=token_mask,
+                )
+                caches.append(layer_cache)
+                weights.append(layer_weights)
+                stats = layer_stats if layer_stats is not None else stats
+            stack = lambda items: jax.tree.map(lambda *a: jnp.stack(a), *items)
+            return x, (stack(caches), stack(weights), stats)
 
         if cfg.remat_policy != "none":
-            layer = jax.checkpoint(
-                layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers
+            group = jax.checkpoint(
+                group, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers
             )
         rngs = None if dropout_rng is None else jax.random.split(dropout_rng, cfg.num_layers)
-        per_layer = (stacked, cache, rngs)
+        per_group = (dense, moe_params, jax.tree.map(lambda a: by_group(a, k), cache),
+                     None if rngs is None else by_group(rngs, k))
         if cfg.scan_layers:
-            x, (cache, weights) = jax.lax.scan(layer, x, per_layer)
+            x, (cache, weights, stats) = jax.lax.scan(group, x, per_group)
         else:
             outputs = []
-            for i in range(cfg.num_layers):
-                x, out = layer(x, jax.tree.map(lambda a, i=i: a[i], per_layer))
+            for g in range(groups):
+                x, out = group(x, jax.tree.map(lambda a, g=g: a[g], per_group))
                 outputs.append(out)
-            cache, weights = jax.tree.map(lambda *a: jnp.stack(a), *outputs)
-        return x, cache, weights
+            cache, weights, stats = jax.tree.map(lambda *a: jnp.stack(a), *outputs)
+        by_layer = lambda a: a.reshape(cfg.num_layers, *a.shape[2:])
+        return x, jax.tree.map(by_layer, cache), jax.tree.map(by_layer, weights), stats
+
+    def layer_blocks(self) -> list[Block]:
+        """Each layer's block, in order, as separate modules (copies of the stacked slices)."""
+        def unstack(blocks: Block) -> list[Block]:
+            graphdef, stacked = nnx.split(blocks)
+            count = jax.tree.leaves(stacked)[0].shape[0]
+            return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked))
+                    for i in range(count)]
+
+        dense = unstack(self.blocks)
+        if self.group == 1:
+            return dense
+        moe = unstack(self.moe_blocks)
+        k = self.group
+        return [moe[i // k] if (i + 1) % k == 0 else dense[i - (i + 1) // k]
+                for i in range(self.config.num_layers)]
 
     def init_cache(self, batch: int, max_length: int) -> KVCache:
         """An empty cache for every layer: [layers, batch, kv_heads, max_length, head_dim]."""
@@ -137,11 +201,7 @@ class LayerList(nnx.Module):
 
     def __init__(self, stack: LayerStack):
         self.config = stack.config
-        graphdef, stacked = nnx.split(stack.blocks)
-        self.blocks = nnx.List([
-            nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked))
-            for i in range(stack.config.num_layers)
-        ])
+        self.blocks = nnx.List(stack.layer_blocks())
 
     def __call__(
         self,
@@ -153,18 +213,22 @@ class LayerList(nnx.Module):
         cache_index: jax.Array | int = 0,
         dropout_rng: jax.Array | None = None,
         return_weights: bool = False,
-    ) -> tuple[jax.Array, list[KVCache] | None, jax.Array | None]:
+        token_mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, list[KVCache] | None, jax.Array | None, dict | None]:
         rngs = split_rng(dropout_rng, len(self.blocks))
-        caches, weights = [], []
+        caches, weights, stats = [], [], []
         for i, block in enumerate(self.blocks):
-            x, layer_cache, layer_weights = block(
+            x, layer_cache, layer_weights, layer_stats = block(
                 x, mask=mask, positions=positions, cache=None if cache is None else cache[i],
                 cache_index=cache_index, dropout_rng=rngs[i], return_weights=return_weights,
+                token_mask=token_mask,
             )
             caches.append(layer_cache)
             weights.append(layer_weights)
+            stats.append(layer_stats)
         weights = jnp.stack(weights) if return_weights else None
-        return x, None if cache is None else caches, weights
+        stats = jax.tree.map(lambda *a: jnp.stack(a), *stats) if stats[0] is not None else None
+        return x, None if cache is None else caches, weights, stats
 
     def init_cache(self, batch: int, max_length: int) -> list[KVCache]:
         return [KVCache.zeros(self.config, batch, max_length) for _ in self.blocks]

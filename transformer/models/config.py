@@ -14,6 +14,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ARCHITECTURES = ("encoder", "decoder")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
+MOE_IMPLS = ("dropless", "dense")
 # Weights a LoRA adapter can target, and how many of their leading axes are inputs.
 LORA_TARGETS = {"query": 1, "key": 1, "value": 1, "out": 2, "wi": 1, "wi_gate": 1, "wo": 1}
 # Other names a target list may use: groups, and the Llama/Mistral module names of Hugging Face.
@@ -77,6 +78,16 @@ class ModelConfig:
     lora_targets: tuple[str, ...] = ()  # Names in LORA_TARGETS or LORA_ALIASES.
     lora_dropout: float = 0.0  # Dropout on the adapters' inputs.
     lora_rslora: bool = False  # Scale by lora_alpha / sqrt(lora_rank) (rank-stabilized LoRA).
+    # Mixture of experts (transformer/models/moe.py): 0 = a dense feed-forward block everywhere.
+    num_experts: int = 0  # Experts of each MoE feed-forward block.
+    num_experts_per_token: int = 2  # Top-k experts each token is routed to.
+    moe_mlp_dim: int | None = None  # Hidden width of each expert (None = mlp_dim).
+    moe_every: int = 1  # Layers i with (i + 1) % moe_every == 0 are MoE (Qwen2-MoE sparse step).
+    moe_renormalize: bool = True  # Top-k weights renormalized to sum 1 (Mixtral; Qwen2-MoE: no).
+    moe_shared_expert_dim: int = 0  # Width of an always-on shared expert with a sigmoid gate.
+    moe_impl: str = "dropless"  # 'dropless' (sorted grouped matmuls) or 'dense' (reference).
+    router_aux_loss_weight: float = 0.0  # Weight of the load-balancing loss (Mixtral 0.02).
+    router_z_loss_weight: float = 0.0  # Weight of the router z-loss (ST-MoE 0.001).
 
     def __post_init__(self):
         _check_choice("architecture", self.architecture, ARCHITECTURES)
@@ -108,6 +119,7 @@ class ModelConfig:
         if self.position == "rope" and self.dim_per_head % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.dim_per_head}")
         self._check_lora()
+        self._check_moe()
         for name in ("dropout_rate", "attention_dropout_rate", "lora_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -138,6 +150,28 @@ class ModelConfig:
         if self.lora_rank > 0 and not resolved:
             raise ValueError(f"ModelConfig.lora_rank={self.lora_rank} but lora_targets is empty; "
                              f"name the weights to adapt among {linear}")
+
+    def _check_moe(self) -> None:
+        if self.num_experts == 0:
+            return
+        _check_choice("moe_impl", self.moe_impl, MOE_IMPLS)
+        if self.num_experts < 0 or not 1 <= self.num_experts_per_token <= self.num_experts:
+            raise ValueError(
+                f"ModelConfig.num_experts_per_token={self.num_experts_per_token} must be between "
+                f"1 and num_experts={self.num_experts}: a token cannot use more experts than exist")
+        if self.moe_every < 1 or self.num_layers % self.moe_every:
+            raise ValueError(f"ModelConfig.moe_every={self.moe_every} must divide "
+                             f"num_layers={self.num_layers} (1 = every layer is MoE)")
+        if self.lora_rank:
+            raise ValueError("LoRA on mixture-of-experts models is not supported; set "
+                             "lora_rank=0 or num_experts=0")
+        if not self.causal:
+            raise ValueError("mixture-of-experts blocks are built for decoders; set "
+                             "architecture='decoder' or num_experts=0")
+
+    @property
+    def expert_dim(self) -> int:
+        return self.mlp_dim if self.moe_mlp_dim is None else self.moe_mlp_dim
 
     @property
     def kv_heads(self) -> int:
@@ -229,6 +263,11 @@ _LLAMA = dict(
     tie_embeddings=False,
 )
 
+_MIXTRAL = dict(_LLAMA, num_experts=8, num_experts_per_token=2, moe_renormalize=True,
+                router_aux_loss_weight=0.02, rope_base=1e6)
+_QWEN2_MOE = dict(_LLAMA, attention_bias=True, norm_eps=1e-6, rope_base=1e6, num_experts=60,
+                  num_experts_per_token=4, moe_renormalize=False, router_aux_loss_weight=0.001)
+
 PRESETS: dict[str, dict[str, Any]] = {
     "bert-tiny": {**_BERT, "hidden_size": 128, "num_layers": 2, "num_heads": 2, "mlp_dim": 512},
     "bert-base": {**_BERT, "hidden_size": 768, "num_layers": 12, "num_heads": 12, "mlp_dim": 3072},
@@ -248,6 +287,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_kv_heads": 8, "mlp_dim": 8192, "max_length": 131072, "rope_base": 500000.0,
         "rope_scaling": "llama3", "rope_factor": 32.0, "rope_low_freq_factor": 1.0,
         "rope_high_freq_factor": 4.0, "rope_original_max_length": 8192, "tie_embeddings": True,
+    },
+    "mixtral-tiny": {
+        **_MIXTRAL, "hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+        "mlp_dim": 256, "num_experts": 4, "max_length": 1024,
+    },
+    # Mixtral-8x7B: 46.7B parameters, 12.9B active per token.
+    "mixtral-8x7b": {
+        **_MIXTRAL, "hidden_size": 4096, "num_layers": 32, "num_heads": 32, "num_kv_heads": 8,
+        "mlp_dim": 14336, "max_length": 32768,
+    },
+    "qwen2-moe-tiny": {
+        **_QWEN2_MOE, "vocab_size": 32000, "hidden_size": 128, "num_layers": 2, "num_heads": 4,
+        "mlp_dim": 256, "moe_mlp_dim": 64, "moe_shared_expert_dim": 256, "num_experts": 8,
+        "num_experts_per_token": 2, "max_length": 1024,
+    },
+    # Qwen1.5-MoE-A2.7B: 60 experts of width 1408, top-4, and a shared expert of width 5632.
+    "qwen1.5-moe-a2.7b": {
+        **_QWEN2_MOE, "vocab_size": 151936, "hidden_size": 2048, "num_layers": 24, "num_heads": 16,
+        "mlp_dim": 5632, "moe_mlp_dim": 1408, "moe_shared_expert_dim": 5632, "max_length": 8192,
     },
     # Llama-2-7B.
     "llama-7b": {

@@ -23,6 +23,8 @@ class ModelOutput:
     pooler_output: jax.Array | None = None  # [batch, hidden] (BERT pooler)
     attentions: jax.Array | None = None  # [layers, batch, heads, queries, keys], float32
     cache: KVCache | list[KVCache] | None = None  # Per layer: see `Decoder.init_cache`.
+    # Mixture of experts: per-layer router sums [layers, ...] (`transformer.models.moe`).
+    router_stats: dict[str, jax.Array] | None = None
 
 
 def _segments_and_positions(
@@ -87,7 +89,7 @@ class Encoder(nnx.Module):
             x = self.embedding_norm(x)
         x = dropout(x, cfg.dropout_rate, embed_rng)
         mask = make_attention_mask(segments, segments, causal=False)
-        x, _, weights = self.layers(
+        x, _, weights, _ = self.layers(
             x, mask=mask, positions=positions, dropout_rng=stack_rng,
             return_weights=output_attentions,
         )
@@ -163,14 +165,14 @@ class Decoder(nnx.Module):
                 raise ValueError("decoding with a cache needs cache_segment_ids [batch, max_length]")
             mask = make_attention_mask(segments, cache_segment_ids, causal=True,
                                        query_offset=cache_index, window=cfg.sliding_window)
-        x, cache, weights = self.layers(
+        x, cache, weights, stats = self.layers(
             x, mask=mask, positions=positions, cache=cache, cache_index=cache_index,
-            dropout_rng=stack_rng, return_weights=output_attentions,
+            dropout_rng=stack_rng, return_weights=output_attentions, token_mask=segments > 0,
         )
         if cfg.final_norm:
             x = self.final_norm(x)
         logits = self.lm_logits(x) if compute_logits else None
-        return ModelOutput(x, logits=logits, attentions=weights, cache=cache)
+        return ModelOutput(x, logits=logits, attentions=weights, cache=cache, router_stats=stats)
 
     def lm_logits(self, x: jax.Array) -> jax.Array:
         """Next-token logits (float32) from final hidden states."""

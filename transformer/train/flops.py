@@ -51,11 +51,17 @@ PEAK_FLOPS = {
 }
 
 
-def layer_flops(config: ModelConfig, seq_len: int) -> float:
-    """Forward FLOPs per token of one Transformer block: projections, feed-forward, attention."""
+def layer_flops(config: ModelConfig, seq_len: int, moe: bool = False) -> float:
+    """Forward FLOPs per token of one Transformer block: projections, feed-forward, attention.
+    An MoE block counts what a token runs: the router, its top-k experts, the shared expert."""
     d, h, kv, dh = config.hidden_size, config.num_heads, config.kv_heads, config.dim_per_head
     projections = 2 * d * (h + 2 * kv) * dh + 2 * h * dh * d
-    feed_forward = 2 * d * config.mlp_dim * (3 if config.gated_mlp else 2)
+    width = config.mlp_dim
+    if moe:
+        width = config.num_experts_per_token * config.expert_dim + config.moe_shared_expert_dim
+    feed_forward = 2 * d * width * (3 if config.gated_mlp else 2)
+    if moe:
+        feed_forward += 2 * d * (config.num_experts + bool(config.moe_shared_expert_dim))
     attention = 2 * 2 * seq_len * h * dh
     return projections + feed_forward + attention
 
@@ -65,7 +71,9 @@ def backbone_flops(config: ModelConfig, seq_len: int) -> float:
     if config.architecture not in ("encoder", "decoder"):
         raise NotImplementedError(f"no FLOP count for architecture {config.architecture!r}; "
                                   "add its layer stack to transformer/train/flops.py")
-    return config.num_layers * layer_flops(config, seq_len)
+    moe_layers = config.num_layers // config.moe_every if config.num_experts else 0
+    return ((config.num_layers - moe_layers) * layer_flops(config, seq_len)
+            + moe_layers * layer_flops(config, seq_len, moe=True))
 
 
 def lm_head_flops(config: ModelConfig) -> float:

@@ -28,7 +28,7 @@ from flax import nnx
 
 from transformer import sharding
 from transformer.data import pipeline, poisson, task_packing, tasks
-from transformer.models import MODELS, ModelConfig
+from transformer.models import MODELS, ModelConfig, moe
 from transformer.models.heads import HeadConfig, Placement, TaskModel
 from transformer.train import flops
 from transformer.train.losses import cross_entropy
@@ -86,13 +86,37 @@ def _lm_loss(model, batch, dropout_rng, config):
     out = model(batch["inputs"], token_type_ids=batch.get("token_type_ids"),
                 segment_ids=batch["segment_ids"], positions=batch["positions"],
                 dropout_rng=dropout_rng)
-    return cross_entropy(out.logits, batch["targets"], batch["weights"],
+    sums = cross_entropy(out.logits, batch["targets"], batch["weights"],
                          label_smoothing=config.label_smoothing, z_loss=config.z_loss)
+    if out.router_stats is not None:
+        sums.update(_moe_sums(model.config, out.router_stats, sums))
+    return sums
+
+
+def _moe_sums(model_config: ModelConfig, stats: dict, sums: dict) -> dict:
+    """Router losses, weighted by the model config, added to the loss sum. They are batch means,
+    so they enter as mean × weight_sum: dividing by weight_sum gives loss + w · aux (with
+    microbatches, the token-weighted mean of each microbatch's aux loss)."""
+    balance, z = moe.load_balancing_loss(stats), moe.router_z_loss(stats)
+    total = sums["weight_sum"]
+    extra = (model_config.router_aux_loss_weight * balance
+             + model_config.router_z_loss_weight * z) * total
+    return {"loss_sum": sums["loss_sum"] + extra, "router_aux_loss_sum": balance * total,
+            "router_z_loss_sum": z * total,
+            "expert_tokens": jnp.sum(stats["expert_tokens"], axis=0)}
 
 
 def _lm_summary(sums):
-    return {"loss": mean_of(sums, "loss_sum"), "nll": mean_of(sums, "nll_sum"),
-            "accuracy": mean_of(sums, "correct_sum"), "tokens": sums["weight_sum"]}
+    metrics = {"loss": mean_of(sums, "loss_sum"), "nll": mean_of(sums, "nll_sum"),
+               "accuracy": mean_of(sums, "correct_sum"), "tokens": sums["weight_sum"]}
+    if "expert_tokens" in sums:  # Per-expert load: its share of the top-k assignments × E.
+        load = sums["expert_tokens"] / jnp.maximum(jnp.sum(sums["expert_tokens"]), 1.0)
+        load = load * load.shape[0]
+        metrics.update({"router_aux_loss": mean_of(sums, "router_aux_loss_sum"),
+                        "router_z_loss": mean_of(sums, "router_z_loss_sum"),
+                        "expert_load_max": jnp.max(load), "expert_load_min": jnp.min(load),
+                        **{f"expert_load/{e}": load[e] for e in range(load.shape[0])}})
+    return metrics
 
 
 def _lm_data(config, tokenizer, process_index, process_count):

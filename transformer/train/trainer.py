@@ -69,7 +69,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     rules = [tuple(r) for r in config.logical_axis_rules]
 
     # --- Mesh. ------------------------------------------------------------------------------
-    mesh = sharding.make_mesh([config.mesh[a] for a in sharding.MESH_AXES])
+    mesh = sharding.make_mesh(config.mesh.to_dict())
     check_batch(config, mesh)
 
     # --- Data. ------------------------------------------------------------------------------
@@ -335,12 +335,12 @@ def check_values(config: ml_collections.ConfigDict) -> None:
 def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
     """The batch must split evenly over the data-parallel devices and the microbatches."""
     batch = config.data.global_batch_size
-    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    data_parallel = sharding.batch_devices(mesh)
     per_step = data_parallel * config.grad_accum_steps
     if batch % per_step:
         raise ValueError(
             f"data.global_batch_size={batch} is not divisible by data-parallel size "
-            f"{data_parallel} (mesh data×fsdp) × grad_accum_steps {config.grad_accum_steps}; "
+            f"{data_parallel} (mesh data×fsdp×expert) × grad_accum_steps {config.grad_accum_steps}; "
             f"use a multiple of {per_step}"
         )
     if config.model.position == "learned" and config.data.max_length > config.model.max_length:
