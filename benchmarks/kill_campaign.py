@@ -2,8 +2,9 @@
 
     python benchmarks/kill_campaign.py --kills=20 [--recipe=configs/text_classification.py:ci]
 
-Each attempt starts `transformer.main` on the same workdir and SIGKILLs it after a random delay
-(until `--kills` kills have landed), then one last start runs to the end. Reported: kills, kills
+Each attempt starts `transformer.main` on the same workdir and SIGKILLs it after a random delay,
+every other one 0-50 ms after a checkpoint save has begun (until `--kills` kills have landed),
+then one last start runs to the end. Reported: kills, kills
 that landed during a checkpoint save (an orbax temporary directory present), starts killed before
 their first step, whether the final parameters and data position are bit-identical, whether
 metrics.jsonl equals the uninterrupted run's (timing fields aside) with one line per logged step,
@@ -67,6 +68,12 @@ def data_position(workdir: pathlib.Path, step: int) -> list[str]:
     return [p.read_text() for p in sorted(folder.glob("*.json"))]
 
 
+def saving(workdir: pathlib.Path) -> bool:
+    """Whether a checkpoint save is under way (orbax writes into a temporary directory)."""
+    checkpoints = workdir / "checkpoints"
+    return checkpoints.exists() and any("tmp" in p.name for p in checkpoints.iterdir())
+
+
 def best_record(workdir: pathlib.Path) -> dict | None:
     path = workdir / "best" / "best.json"
     return json.loads(path.read_text()) if path.exists() else None
@@ -103,15 +110,20 @@ def main() -> int:
                                        env=environment(), stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL)
             try:
-                process.wait(timeout=rng.uniform(0.0, args.max_delay))
+                if kills % 2:  # Every other kill aims at a save: saves are short and rare.
+                    deadline = time.time() + args.max_delay * 4
+                    while not saving(killed) and process.poll() is None and time.time() < deadline:
+                        time.sleep(0.002)
+                    process.wait(timeout=rng.uniform(0.0, 0.05))
+                else:
+                    process.wait(timeout=rng.uniform(0.0, args.max_delay))
             except subprocess.TimeoutExpired:
-                checkpoints = killed / "checkpoints"
-                saving = checkpoints.exists() and any("tmp" in p.name for p in checkpoints.iterdir())
+                during = saving(killed)
                 rows_before = len(metric_rows(killed))
                 process.kill()
                 process.wait()
                 kills += 1
-                during_save += saving
+                during_save += during
                 before_first_step += rows_before == 0
                 bar.update(1)
                 continue
