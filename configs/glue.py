@@ -33,7 +33,8 @@ TRAIN_SIZES = {"sst2": 67349, "cola": 8551, "qnli": 104743, "mnli": 392702}
 
 
 def get_config(arg: str = "sst2"):
-    variants = parse_variants(arg, [*TASKS, *(f"{t}_tfds" for t in TASKS), "ci"], "glue") or ["sst2"]
+    allowed = [*TASKS, *(f"{t}_tfds" for t in TASKS), "ci", "dp"]
+    variants = parse_variants(arg, allowed, "glue") or ["sst2"]
     name = next((v for v in variants if v.removesuffix("_tfds") in TASKS), "sst2")
     glue = name.removesuffix("_tfds")
     task, folder, eval_file, epochs = TASKS[glue]

@@ -1,7 +1,7 @@
 """`python -m transformer.aot`: topology names, the memory report of a real libtpu compile for
 v5e 2x2 (equal to the analytic parameter + AdamW bytes per device), the does-not-fit exit, the
 message when libtpu is missing, and the search for the smallest change that fits (its logic on a
-stand-in compiler; a real batch too big for v5e 2x2, whose suggestion is compiled again). The
+stand-in compiler; a real batch too big for v5e 2x2, and the suggestion the search compiles). The
 compiles run in subprocesses: libtpu's environment (TPU_ACCELERATOR_TYPE, ...) never reaches this
 CPU test process."""
 
@@ -192,12 +192,9 @@ def test_a_batch_too_big_gets_a_suggestion_that_fits():
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     assert "does not fit" in result.stdout and "suggestion: --config." in result.stdout
     suggestion = json.loads(result.stdout.strip().splitlines()[-1])["suggestion"]
+    # The search compiled the suggestion itself: its peak is a compiled program's, and fits.
     assert suggestion["fits"] and suggestion["overrides"]
-    again = run_aot(*CI_CASE, *suggestion["overrides"], "--json")
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    report = json.loads(again.stdout.strip().splitlines()[-1])
-    assert report["fits"] and "suggestion" not in report
-    assert report["total_bytes"] == suggestion["peak_bytes"]
+    assert 0 < suggestion["peak_bytes"] <= 16 * 2**30  # v5e: 16 GiB per chip.
 
 
 def test_each_pretraining_recipe_names_its_slice_and_scaling_md_has_its_measured_peak():

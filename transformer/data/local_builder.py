@@ -60,7 +60,7 @@ def check_value(key: str, value: Any, feature: Any, where: str) -> None:
     if value is None:
         raise DataError(f"{where}: field {key!r} is null; give it a value or drop the record")
     dtype = getattr(feature, "np_dtype", None)
-    kind = np.dtype(dtype).kind if dtype is not None and dtype is not object else None
+    kind = np.dtype(dtype).kind if isinstance(dtype, type) and dtype is not object else None
     ok = {"b": isinstance(value, bool), "i": isinstance(value, int) and not isinstance(value, bool),
           "f": isinstance(value, int | float) and not isinstance(value, bool)}.get(kind, True)
     if isinstance(feature, tfds.features.Text):
@@ -140,8 +140,8 @@ class LocalDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                         self._on_error, report, "missing_fields",
                     )
                     continue
-                try:
-                    for k in keys:
+                try:  # Columns typed by the first JSON record (csv/tsv columns are all text).
+                    for k in keys if self._fmt == "jsonl" else ():
                         check_value(k, example[k], self._features[k], example.get("source", path))
                 except DataError as e:
                     handle(e, self._on_error, report, "bad_values")
