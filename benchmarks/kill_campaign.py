@@ -115,8 +115,8 @@ def main() -> int:
                     while not saving(killed) and process.poll() is None and time.time() < deadline:
                         time.sleep(0.002)
                     process.wait(timeout=rng.uniform(0.0, 0.05))
-                else:
-                    process.wait(timeout=rng.uniform(0.0, args.max_delay))
+                else:  # Within the run's length, so that most attempts are killed.
+                    process.wait(timeout=rng.uniform(0.0, min(args.max_delay, straight_s)))
             except subprocess.TimeoutExpired:
                 during = saving(killed)
                 rows_before = len(metric_rows(killed))
@@ -129,6 +129,8 @@ def main() -> int:
                 continue
             if process.returncode == 0:  # Finished before the kill: start the campaign over.
                 subprocess.run(["rm", "-rf", str(killed)], check=True)
+                kills = during_save = before_first_step = 0
+                bar.reset()
     final = subprocess.run(command(args.recipe, killed, args.steps), cwd=REPO, env=environment(),
                            capture_output=True, text=True)
     if final.returncode:
