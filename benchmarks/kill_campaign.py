@@ -4,12 +4,12 @@
 
 Each attempt starts `transformer.main` on the same workdir and SIGKILLs it after a random delay,
 every other one 0-50 ms after a checkpoint save has begun (until `--kills` kills have landed),
-then one last start runs to the end. Reported: kills, kills
-that landed during a checkpoint save (an orbax temporary directory present), starts killed before
-their first step, whether the final parameters and data position are bit-identical, whether
-metrics.jsonl equals the uninterrupted run's (timing fields aside) with one line per logged step,
-and whether `best/` (fine-tuning recipes) holds the same step and parameters. Exit status 1 when
-anything differs.
+then one last start runs to the end. Reported: kills, starts that failed by themselves, kills
+that landed during a checkpoint save (an orbax temporary directory present), starts killed
+before their first step, whether the final parameters and data position are bit-identical,
+whether metrics.jsonl equals the uninterrupted run's (timing fields aside) with one line per
+logged step, and whether `best/` (fine-tuning recipes) holds the same step and parameters.
+Exit status 1 when anything differs.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def main() -> int:
         return 1
     straight_s = time.time() - begin
 
-    kills = during_save = before_first_step = starts = 0
+    kills = during_save = before_first_step = starts = failed_starts = 0
     with tqdm.tqdm(total=args.kills, unit="kill", desc="kills") as bar:
         while kills < args.kills:
             starts += 1
@@ -127,7 +127,9 @@ def main() -> int:
                 before_first_step += rows_before == 0
                 bar.update(1)
                 continue
-            if process.returncode == 0:  # Finished before the kill: start the campaign over.
+            if process.returncode != 0:  # It ended by itself, and not well.
+                failed_starts += 1
+            elif process.returncode == 0:  # Finished before the kill: start the campaign over.
                 subprocess.run(["rm", "-rf", str(killed)], check=True)
                 kills = during_save = before_first_step = 0
                 bar.reset()
@@ -142,6 +144,7 @@ def main() -> int:
     report = {
         "recipe": args.recipe, "steps": args.steps, "starts": starts + 1, "kills": kills,
         "kills_during_a_save": during_save, "kills_before_the_first_step": before_first_step,
+        "failed_starts": failed_starts,
         "params_identical": same_arrays(straight / ckpt, killed / ckpt),
         "data_position_identical": data_position(straight, args.steps) == data_position(
             killed, args.steps),
@@ -154,7 +157,7 @@ def main() -> int:
         "workdir": str(root),
     }
     print(json.dumps(report, indent=1))
-    good = (report["params_identical"] and report["data_position_identical"]
+    good = (not failed_starts and report["params_identical"] and report["data_position_identical"]
             and report["metrics_identical"] and not report["duplicate_metric_lines"]
             and report["best_identical"])
     return 0 if good else 1
