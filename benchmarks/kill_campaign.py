@@ -3,13 +3,13 @@
     python benchmarks/kill_campaign.py --kills=20 [--recipe=configs/text_classification.py:ci]
 
 Each attempt starts `transformer.main` on the same workdir and SIGKILLs it after a random delay,
-every other one 0-50 ms after a checkpoint save has begun (until `--kills` kills have landed),
-then one last start runs to the end. Reported: kills, starts that failed by themselves, kills
-that landed during a checkpoint save (an orbax temporary directory present), starts killed
-before their first step, whether the final parameters and data position are bit-identical,
-whether metrics.jsonl equals the uninterrupted run's (timing fields aside) with one line per
-logged step, and whether `best/` (fine-tuning recipes) holds the same step and parameters.
-Exit status 1 when anything differs.
+every other one 0-50 ms after a checkpoint save has begun, until `--kills` kills have landed or
+the run reaches its end under fire; then one last start runs to the end. Reported: kills,
+starts that failed by themselves, kills that landed during a checkpoint save (an orbax
+temporary directory present), kills before any metrics line existed, whether the final
+parameters and data position are bit-identical, whether metrics.jsonl equals the uninterrupted
+run's (timing fields aside) with one line per logged step, and whether `best/` (fine-tuning
+recipes) holds the same step and parameters. Exit status 1 when anything differs.
 """
 
 from __future__ import annotations
@@ -129,10 +129,8 @@ def main() -> int:
                 continue
             if process.returncode != 0:  # It ended by itself, and not well.
                 failed_starts += 1
-            elif process.returncode == 0:  # Finished before the kill: start the campaign over.
-                subprocess.run(["rm", "-rf", str(killed)], check=True)
-                kills = during_save = before_first_step = 0
-                bar.reset()
+            else:  # It reached the end before its kill: the campaign is over.
+                break
     final = subprocess.run(command(args.recipe, killed, args.steps), cwd=REPO, env=environment(),
                            capture_output=True, text=True)
     if final.returncode:
