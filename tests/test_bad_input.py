@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ from transformer.inference import SamplingConfig
 from transformer.main import load_recipe
 from transformer.train import objectives, trainer
 
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
