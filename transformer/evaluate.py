@@ -2,11 +2,14 @@
 predictions file (and the confusion matrix for classification tasks), to --output.
 
     python -m transformer.evaluate --config=configs/glue.py:sst2 --checkpoint=/tmp/sst2/best \
-        [--split=validation] [--output=DIR] [--config.data.local_files.validation=other.tsv]
+        [--split=validation] [--output=DIR] [--quantize=int8|int4] \
+        [--config.data.local_files.validation=other.tsv]
 
 --checkpoint is a directory the trainer wrote (WORKDIR/best or WORKDIR/model): our model
 checkpoint format plus head_config.json. Its architecture and head come from it; the recipe gives
-the task, the data and the mesh. --output defaults to <checkpoint>/eval_<split>.
+the task, the data and the mesh. --output defaults to <checkpoint>/eval_<split>. --quantize
+evaluates the model with weight-only quantized weights (`transformer.quantize`), to measure what
+quantization costs on the task.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "The recipe the model 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "WORKDIR/best, WORKDIR/model, or a copy.")
 _SPLIT = flags.DEFINE_string("split", "", "Split to evaluate (default: data.eval_split).")
 _OUTPUT = flags.DEFINE_string("output", "", "Where to write (default: <checkpoint>/eval_<split>).")
+_QUANTIZE = flags.DEFINE_enum("quantize", None, ["int8", "int4"],
+                              "weight-only quantization of the model (transformer.quantize)")
 flags.mark_flags_as_required(["config", "checkpoint"])
 
 
@@ -40,14 +45,19 @@ def evaluate_checkpoint(
     checkpoint: str | os.PathLike,
     split: str = "",
     output: str | os.PathLike = "",
+    quantize: str | None = None,
 ) -> dict[str, float]:
-    """The task metrics of a fine-tuned checkpoint on `split` (each example counted once)."""
+    """The task metrics of a fine-tuned checkpoint on `split` (each example counted once), with
+    its weights quantized (`quantize`: 'int8' or 'int4') or as trained."""
     from transformer import model_io, sharding
+    from transformer import quantize as quantization
     from transformer.models import ModelConfig
     from transformer.models.heads import HeadConfig, TaskModel
     from transformer.train import best, objectives, trainer
     from transformer.train import state as train_state
 
+    if quantize is not None:
+        quantization.check_mode(quantize)  # Before anything is loaded.
     path = pathlib.Path(checkpoint).expanduser().resolve()
     head_file = path / best.HEAD_FILE
     if not head_file.is_file():
@@ -75,11 +85,15 @@ def evaluate_checkpoint(
     params_sharding = train_state.param_shardings(model_config, mesh, rules, build)
     shapes = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
     params = model_io.load_params(path, shapes, params_sharding)
+    graphdef = nnx.graphdef(abstract)
+    if quantize is not None:
+        graphdef, params = nnx.split(quantization.quantize(nnx.merge(graphdef, params), quantize))
+        params_sharding = jax.tree.map(lambda x: x.sharding, params)
     batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(
         objective.batch_axes, rules, (config.data.global_batch_size,), mesh))
     split = split or config.data.eval_split
     out_dir = pathlib.Path(output) if output else path / f"eval_{split}"
-    evaluator = objective.evaluator(config, tokenizer, nnx.graphdef(abstract), params_sharding,
+    evaluator = objective.evaluator(config, tokenizer, graphdef, params_sharding,
                                     batch_sharding, split=split, out_dir=out_dir)
     with sharding.use_mesh(mesh, rules):
         return evaluator(params, 0)
@@ -88,7 +102,8 @@ def evaluate_checkpoint(
 def main(argv: list[str]) -> None:
     del argv
     enable_compilation_cache()
-    results = evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value, _SPLIT.value, _OUTPUT.value)
+    results = evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value, _SPLIT.value, _OUTPUT.value,
+                                  _QUANTIZE.value)
     if jax.process_index() == 0:
         print(json.dumps(results, indent=1), flush=True)
 

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from tests.finetune.conftest import REPO, slice_config
+from transformer import evaluate
 from transformer.train import run
 
 RECIPES = {  # recipe: (variant, data slice, eval examples, best metric, predictions file)
@@ -80,3 +81,16 @@ def test_evaluate_command_reproduces_the_best_metric(runs, slices, cache_dir):
     assert metrics["eval_accuracy"] == pytest.approx(record["value"])
     assert metrics["eval_examples"] == 19
     assert (workdir / "best" / "eval_validation" / "predictions.jsonl").is_file()
+
+    # The same checkpoint with int8 weights: every example again, nearly the float probabilities.
+    quantized = evaluate.evaluate_checkpoint(config, workdir / "best", output=workdir / "int8",
+                                             quantize="int8")
+    assert quantized["eval_examples"] == 19
+    read = lambda d: [json.loads(x) for x in (d / "predictions.jsonl").read_text().splitlines()]
+    floats, int8 = read(workdir / "best" / "eval_validation"), read(workdir / "int8")
+    assert [r["index"] for r in int8] == [r["index"] for r in floats]
+    assert int8 != floats  # The weights really changed.
+    # Where the prediction agrees, its probability moves by little; a flip needs a near-tie.
+    for f, q in zip(floats, int8):
+        p = q["probability"] if q["prediction"] == f["prediction"] else 1 - q["probability"]
+        assert abs(p - f["probability"]) < 0.02, (f, q)
