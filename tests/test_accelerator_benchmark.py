@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from tests.conftest import FAST_COMPILE
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "accelerator.py"
 MODELS = {"gpt2", "llama-1b"}
@@ -20,7 +22,8 @@ MODELS = {"gpt2", "llama-1b"}
 
 def child_env(**extra):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # No 8 simulated devices.
-    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONDONTWRITEBYTECODE": "1", **extra}
+    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONDONTWRITEBYTECODE": "1",
+            "XLA_FLAGS": FAST_COMPILE, **extra}
 
 
 def load_benchmark():

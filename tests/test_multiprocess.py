@@ -20,6 +20,8 @@ import time
 import numpy as np
 import pytest
 
+from tests.conftest import FAST_COMPILE
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 T = 32  # Tokens per row (= per document).
 BATCH = 8  # Global batch; 4 rows per process with two processes.
@@ -80,7 +82,8 @@ def setup(tmp_path_factory, fixtures):
 def launch(workdir, overrides, steps, process_id=None, num_processes=1, devices=8,
            extra=(), env_extra=None):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env_extra or {})}
+           "XLA_FLAGS": f"{FAST_COMPILE} --xla_force_host_platform_device_count={devices}",
+           **(env_extra or {})}
     for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         if env_extra is None or key not in env_extra:
             env.pop(key, None)

@@ -19,6 +19,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from tests.conftest import FAST_COMPILE
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COLABS = REPO / "colabs"
 NOTEBOOKS = sorted(p.stem for p in COLABS.glob("*.ipynb"))
@@ -35,7 +37,7 @@ DEAD_PROXY = "http://127.0.0.1:9"  # The discard port: any download fails at onc
 
 def kernel_env(repo: pathlib.Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = FAST_COMPILE  # Without the 8 simulated devices.
     env.update(
         JAX_PLATFORMS="cpu",
         PYTHONPATH=os.pathsep.join([str(repo), *filter(None, [env.get("PYTHONPATH")])]),

@@ -13,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tests.conftest import FAST_COMPILE
 from transformer.train.checkpointing import Checkpointer
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -37,7 +38,7 @@ def tiny_args(fixtures, workdir, **overrides):
 
 def env():
     e = dict(os.environ)
-    e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    e["XLA_FLAGS"] = f"{FAST_COMPILE} --xla_force_host_platform_device_count=8"
     e["JAX_PLATFORMS"] = "cpu"
     return e
 
