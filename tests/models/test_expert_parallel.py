@@ -57,7 +57,8 @@ def run(config, state, x, cotangent, mesh=None):
         ("batch", None, None), RULES, x.shape, mesh)))
     with sharding.use_mesh(mesh, RULES):
         lowered = step.lower(state, x)
-        assert ("all_to_all" in lowered.as_text()) == (config.moe_dispatch == "all_to_all")
+        exchanges = config.moe_dispatch == "all_to_all" and mesh.shape.get("expert", 1) > 1
+        assert ("all_to_all" in lowered.as_text()) == exchanges
         (_, (y, stats)), grads = lowered.compile()(state, x)
     return y, stats, grads
 
@@ -124,6 +125,10 @@ def test_dropping_is_the_same_on_every_mesh_and_matches_numpy(inputs):
     y, stats_a2a, _ = run(config.replace(moe_dispatch="all_to_all"), state, x, cotangent,
                           sharding.make_mesh(MESHES["expert4_fsdp2"]))
     np.testing.assert_allclose(y, y_one, atol=2e-6, rtol=1e-5)
+    # A mesh without 'expert': no exchange, each device's buffer sized for its own tokens.
+    y_fsdp, _, _ = run(config.replace(moe_dispatch="all_to_all"), state, x, cotangent,
+                       sharding.make_mesh(dict(data=1, fsdp=8, tensor=1)))
+    np.testing.assert_allclose(y_fsdp, y_one, atol=2e-6, rtol=1e-5)
     # Which pairs drop: NumPy's choice from the router's top-2 on one device.
     params = _params_of(config, state)
     logits = np.asarray(x, np.float64).reshape(-1, 16) @ params["router"]

@@ -89,11 +89,11 @@ def all_to_all_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, wi:
             f"an all-to-all buffer of {buffer_rows} rows per device pair can overflow: up to "
             f"{needed} (token, choice) pairs of one device can go to another; use at least "
             f"{needed} rows{hint}")
-    if not expert_axes:  # One expert device: no exchange, the same sort and grouped products.
-        return _local_experts(x, weights, experts, wi, wi_gate, wo, act, (), 1, buffer_rows)
+    # Without expert axes (one expert device) the exchanges are the identity, but the sort and
+    # the buffer stay per device, as sized.
     axes = tuple(expert_axes)
     pair_spec = PartitionSpec(*token_spec[:2], None)
-    weight_spec = PartitionSpec(axes, None, None)
+    weight_spec = PartitionSpec(axes or None, None, None)
 
     def local(x, weights, experts, wi, wi_gate, wo):
         return _local_experts(x, weights, experts, wi, wi_gate, wo, act, axes, devices,
