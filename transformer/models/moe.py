@@ -170,15 +170,15 @@ class MoEMLP(nnx.Module):
         probs, weights, experts = route(logits, cfg.num_experts_per_token, cfg.moe_renormalize)
         mask = jnp.ones((batch * length,)) if token_mask is None else token_mask.reshape(-1)
         stats = router_stats(logits, probs, experts, mask)
+        k = cfg.num_experts_per_token
+        capacity = (expert_capacity(length, k, cfg.num_experts, cfg.moe_capacity_factor)
+                    if cfg.moe_capacity_factor else None)
         weights, experts, stats["dropped"] = self._drop_over_capacity(weights, experts, mask,
-                                                                      batch, length)
+                                                                      (batch, length), capacity)
         get = lambda name: getattr(self, name)[...].astype(dtype) if hasattr(self, name) else None
         args = (weights.astype(dtype), experts, get("wi"), get("wi_gate"), get("wo"), act)
         y = None
         if cfg.moe_dispatch == "all_to_all":  # None: the tokens are not split over 'expert'.
-            k = cfg.num_experts_per_token
-            capacity = (expert_capacity(length, k, cfg.num_experts, cfg.moe_capacity_factor)
-                        if cfg.moe_capacity_factor else None)
             y = all_to_all_experts(flat.reshape(batch, length, d),
                                    *(a.reshape(batch, length, k) for a in args[:2]), *args[2:],
                                    expert_capacity=capacity)
@@ -193,14 +193,13 @@ class MoEMLP(nnx.Module):
         y = y.reshape(batch, length, d)
         return constrain(y, ("batch", "length", "act_embed")), stats
 
-    def _drop_over_capacity(self, weights, experts, mask, batch, length):
-        """(weights, expert ids with E for dropped pairs, the real pairs dropped)."""
-        cfg = self.config
-        if not cfg.moe_capacity_factor:
+    def _drop_over_capacity(self, weights, experts, mask, shape, capacity):
+        """(weights, expert ids with E for dropped pairs, the real pairs dropped); `capacity`
+        None: dropless."""
+        if capacity is None:
             return weights, experts, jnp.zeros((), jnp.float32)
-        k, e = cfg.num_experts_per_token, cfg.num_experts
-        capacity = expert_capacity(length, k, e, cfg.moe_capacity_factor)
-        keep = capacity_keep(experts.reshape(batch, length, k), mask.reshape(batch, length),
-                             capacity, e).reshape(-1, k)
+        k, e = experts.shape[-1], self.config.num_experts
+        keep = capacity_keep(experts.reshape(*shape, k), mask.reshape(shape), capacity,
+                             e).reshape(-1, k)
         dropped = jnp.sum(mask[:, None] * (~keep))
         return weights * keep, jnp.where(keep, experts, e), dropped.astype(jnp.float32)
