@@ -69,9 +69,9 @@ def batch(seed: int = 0) -> dict[str, np.ndarray]:
                     np.arange(LENGTH, dtype=np.int32), inputs.shape).copy())
 
 
-def make_runner(config):
-    """A function that runs one train step and waits for it."""
-    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+def make_runner(config, mesh=None):
+    """A function that runs one train step on `mesh` (default: one device) and waits for it."""
+    mesh = mesh or sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     rules = [tuple(r) for r in config.logical_axis_rules]
     model_config = ModelConfig.from_dict(config.model.to_dict())
     tx, schedule = optimizer.make_optimizer(config)

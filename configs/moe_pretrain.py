@@ -7,6 +7,9 @@ load-balancing loss at 0.02 and a router z-loss at 0.001).
         --config.data.data_dir=gs://bucket/tfds --config.data.tokenizer=/path/tokenizer.model
     # Check that it fits the slice's HBM (any machine, with libtpu; docs/scaling.md):
     python -m transformer.aot --config=configs/moe_pretrain.py:8x7b --topology=v5p-128
+    # The same with the explicit all-to-all expert dispatch (README, "Mixture of experts"):
+    python -m transformer.aot --config=configs/moe_pretrain.py:8x7b --topology=v5p-128 \
+        --config.model.moe_dispatch=all_to_all
     # This laptop, on the bundled Shakespeare corpus (4 experts of width 128, top-2):
     python -m transformer.main --config=configs/moe_pretrain.py:tiny --workdir=/tmp/moe-tiny
 
@@ -31,6 +34,7 @@ def get_config(arg: str = "8x7b"):
     c.model.dtype = "bfloat16"  # Compute; parameters, optimizer state and the router stay float32.
     c.model.remat_policy = "full"  # Recompute each layer in the backward pass: memory for batch.
     c.model.moe_impl = "dropless"  # Sorted tokens, grouped matmuls: no token dropped.
+    c.model.moe_dispatch = "partitioner"  # Or 'all_to_all': the explicit exchange in shard_map.
     c.model.router_aux_loss_weight = 0.02  # Load balance (Mixtral's router_aux_loss_coef).
     c.model.router_z_loss_weight = 0.001  # Router z-loss (ST-MoE).
     c.data.max_length = 4096

@@ -229,14 +229,30 @@ def use_mesh(mesh: Mesh, rules: Rules) -> Iterator[Mesh]:
         _active_rules.reset(token)
 
 
-def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-    """Sharding constraint on an activation by logical names; a no-op outside `use_mesh`."""
+def active_spec(names: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec | None:
+    """The PartitionSpec of an array of `shape` with logical axes `names` under the active mesh
+    and rules; None outside `use_mesh`."""
     table = _active_rules.get()
     mesh = jax.sharding.get_abstract_mesh()
     if table is None or mesh.empty:
-        return x
-    spec = logical_to_spec(names, table, x.shape, mesh)
-    return jax.lax.with_sharding_constraint(x, spec)
+        return None
+    return logical_to_spec(names, table, shape, mesh)
+
+
+def active_mesh_axes(name: str) -> dict[str, int]:
+    """{mesh axis: size} of the active mesh's axes (size > 1) that logical axis `name` maps to
+    under the active rules, whatever the array's shape; empty outside `use_mesh`."""
+    table = _active_rules.get()
+    mesh = jax.sharding.get_abstract_mesh()
+    if table is None or mesh.empty:
+        return {}
+    return {a: mesh.shape[a] for a in table.get(name, ()) if mesh.shape.get(a, 1) > 1}
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint on an activation by logical names; a no-op outside `use_mesh`."""
+    spec = active_spec(names, x.shape)
+    return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
 
 
 def create_sharded(

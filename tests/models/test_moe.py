@@ -27,8 +27,9 @@ def _silu(x):
     return x / (1.0 + np.exp(-x))
 
 
-def numpy_moe(x, p, top_k, renormalize):
-    """Per token: softmax router, top-k (lower id first on ties), Σ w · SwiGLU expert (+ shared)."""
+def numpy_moe(x, p, top_k, renormalize, kept=None):
+    """Per token: softmax router, top-k (lower id first on ties), Σ w · SwiGLU expert (+ shared);
+    `kept` [tokens, k] (default all) names the (token, choice) pairs an expert takes."""
     x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
     out = np.zeros_like(x)
     for n, token in enumerate(x):
@@ -37,7 +38,9 @@ def numpy_moe(x, p, top_k, renormalize):
         probs /= probs.sum()
         chosen = sorted(range(len(probs)), key=lambda e: (-probs[e], e))[:top_k]
         weights = probs[chosen] / (probs[chosen].sum() if renormalize else 1.0)
-        for e, w in zip(chosen, weights):
+        for j, (e, w) in enumerate(zip(chosen, weights)):
+            if kept is not None and not kept[n, j]:
+                continue
             out[n] += w * ((_silu(token @ p["wi"][e]) * (token @ p["wi_gate"][e])) @ p["wo"][e])
         if "shared_wi" in p:
             gate = 1.0 / (1.0 + np.exp(-(token @ p["shared_gate"])[0]))
@@ -118,6 +121,9 @@ def test_padding_is_excluded_from_router_stats(inputs):
     (dict(num_experts=4, num_experts_per_token=5), "num_experts_per_token=5"),
     (dict(num_experts=4, moe_every=3), "moe_every=3"),
     (dict(num_experts=4, moe_impl="sparse"), "moe_impl"),
+    (dict(num_experts=4, moe_dispatch="manual"), "moe_dispatch"),
+    (dict(num_experts=4, moe_dispatch="all_to_all", moe_impl="dense"), "moe_impl='dropless'"),
+    (dict(num_experts=4, moe_capacity_factor=-1.0), "moe_capacity_factor=-1.0"),
     (dict(num_experts=4, lora_rank=4, lora_targets=("query",)), "LoRA"),
 ])
 def test_bad_moe_config(changes, message):

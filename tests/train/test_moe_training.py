@@ -1,6 +1,6 @@
-"""MoE training: expert-parallel meshes (expert 4 × fsdp 2, expert 8) equal one device after a
-few AdamW steps, the experts really are split over 'expert', and the router losses enter the loss
-with their config weights."""
+"""MoE training: expert-parallel meshes (expert 4 × fsdp 2, expert 8; the partitioner's dispatch
+or the explicit all-to-all) equal one device after a few AdamW steps, the experts really are split
+over 'expert', and the router losses enter the loss with their config weights."""
 
 import jax
 import numpy as np
@@ -33,13 +33,21 @@ def reference_run():
     return train(moe_config(), one_device_mesh(), make_batches(1) * STEPS)
 
 
-@pytest.mark.parametrize("shape", [dict(data=1, fsdp=2, expert=4, tensor=1),
-                                   dict(data=1, fsdp=1, expert=8, tensor=1)])
-def test_expert_parallel_training_equals_one_device(reference_run, shape):
-    state, losses, _ = train(moe_config(), sharding.make_mesh(shape), make_batches(1) * STEPS)
+# Tokens reach the experts through the partitioner or the explicit all-to-all (in shard_map,
+# inside the layer scan, with full remat); tests/models/test_expert_parallel.py compares the
+# partitioner on expert 8 layer by layer.
+@pytest.mark.parametrize("shape, changes", [
+    (dict(data=1, fsdp=2, expert=4, tensor=1), dict()),
+    (dict(data=1, fsdp=2, expert=4, tensor=1), dict(moe_dispatch="all_to_all")),
+    (dict(data=1, fsdp=1, expert=8, tensor=1), dict(moe_dispatch="all_to_all",
+                                                     remat_policy="full"))],
+    ids=["expert4_fsdp2-partitioner", "expert4_fsdp2-all_to_all", "expert8-all_to_all-remat"])
+def test_expert_parallel_training_equals_one_device(reference_run, shape, changes):
+    state, losses, metrics = train(moe_config(**changes), sharding.make_mesh(shape),
+                                   make_batches(1) * STEPS)
     ref_state, ref_losses, _ = reference_run
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-    assert losses[-1] < losses[0]
+    assert losses[-1] < losses[0] and float(metrics["moe_dropped_fraction"]) == 0  # Dropless.
     # Adam divides by √v: on near-zero gradients it magnifies summation-order noise to ~1e-6.
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

@@ -15,6 +15,7 @@ ARCHITECTURES = ("encoder", "decoder")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLS = ("dropless", "dense")
+MOE_DISPATCHES = ("partitioner", "all_to_all")
 # Weights a LoRA adapter can target, and how many of their leading axes are inputs.
 LORA_TARGETS = {"query": 1, "key": 1, "value": 1, "out": 2, "wi": 1, "wi_gate": 1, "wo": 1}
 # Other names a target list may use: groups, and the Llama/Mistral module names of Hugging Face.
@@ -86,6 +87,12 @@ class ModelConfig:
     moe_renormalize: bool = True  # Top-k weights renormalized to sum 1 (Mixtral; Qwen2-MoE: no).
     moe_shared_expert_dim: int = 0  # Width of an always-on shared expert with a sigmoid gate.
     moe_impl: str = "dropless"  # 'dropless' (sorted grouped matmuls) or 'dense' (reference).
+    # How tokens reach experts split over the 'expert' mesh axis: 'partitioner' (XLA's SPMD
+    # partitioner moves them) or 'all_to_all' (explicit exchange in shard_map, moe_all_to_all.py).
+    moe_dispatch: str = "partitioner"
+    # 0 = dropless; f > 0: each expert takes at most ceil(f · length · top_k / E) (token, choice)
+    # pairs of a sequence, first choices first, then by position; the rest are dropped (counted).
+    moe_capacity_factor: float = 0.0
     router_aux_loss_weight: float = 0.0  # Weight of the load-balancing loss (Mixtral 0.02).
     router_z_loss_weight: float = 0.0  # Weight of the router z-loss (ST-MoE 0.001).
 
@@ -155,6 +162,13 @@ class ModelConfig:
         if self.num_experts == 0:
             return
         _check_choice("moe_impl", self.moe_impl, MOE_IMPLS)
+        _check_choice("moe_dispatch", self.moe_dispatch, MOE_DISPATCHES)
+        if self.moe_dispatch == "all_to_all" and self.moe_impl != "dropless":
+            raise ValueError("ModelConfig.moe_dispatch='all_to_all' runs the dropless experts; set "
+                             "moe_impl='dropless' or moe_dispatch='partitioner'")
+        if not self.moe_capacity_factor >= 0:
+            raise ValueError(f"ModelConfig.moe_capacity_factor={self.moe_capacity_factor} must be "
+                             ">= 0 (0 = dropless)")
         if self.num_experts < 0 or not 1 <= self.num_experts_per_token <= self.num_experts:
             raise ValueError(
                 f"ModelConfig.num_experts_per_token={self.num_experts_per_token} must be between "

@@ -6,6 +6,11 @@ Two executions of the same function:
             unsorted and combined with their routing weights: no token is dropped, no padding.
   dense     every expert on every token, masked by the routing weights: the reference for tests.
 
+On a mesh with an 'expert' axis, the tokens reach the experts' devices through XLA's SPMD
+partitioner (`moe_dispatch='partitioner'`) or an explicit all-to-all in `shard_map`
+(`'all_to_all'`, transformer/models/expert_parallel.py). With `moe_capacity_factor` > 0 each
+expert takes a bounded number of pairs per sequence and the rest are dropped (counted).
+
 The block also returns per-layer router statistics (top-k assignments and probability mass per
 expert, the z-loss sum, over real tokens only): the decoder carries them out of the layer scan
 and the objective turns them into the load-balancing loss and the router z-loss.
@@ -21,6 +26,7 @@ from flax import nnx
 
 from transformer.models.common import dtype_of, param
 from transformer.models.config import ModelConfig
+from transformer.models.expert_parallel import all_to_all_experts, grouped_mlp
 from transformer.models.layers import ACTIVATION_FNS
 from transformer.sharding import constrain
 
@@ -53,6 +59,32 @@ def router_stats(logits: jax.Array, probs: jax.Array, experts: jax.Array,
     }
 
 
+def expert_capacity(length: int, top_k: int, num_experts: int, factor: float) -> int:
+    """(token, choice) pairs one expert takes from a sequence of `length` tokens: `factor` times
+    its share of a perfectly balanced load, at least 1."""
+    return max(1, math.ceil(factor * length * top_k / num_experts))
+
+
+def capacity_keep(experts: jax.Array, token_mask: jax.Array, capacity: int,
+                  num_experts: int) -> jax.Array:
+    """Which (token, choice) pairs of experts [batch, length, k] each expert takes, at most
+    `capacity` per sequence: all first choices before any second one, earlier positions first
+    (GShard's priority), so the same pairs drop on any mesh. Padding (`token_mask` 0) is never
+    taken and uses no capacity."""
+    batch, length, k = experts.shape
+    chosen = jax.nn.one_hot(experts, num_experts, dtype=jnp.int32) * (
+        token_mask.astype(jnp.int32)[..., None, None])
+    in_priority = chosen.transpose(0, 2, 1, 3).reshape(batch, k * length, num_experts)
+    rank = jnp.sum((jnp.cumsum(in_priority, axis=1) - 1) * in_priority, axis=-1)
+    rank = rank.reshape(batch, k, length).transpose(0, 2, 1)
+    return (rank < capacity) & (token_mask[..., None] > 0)
+
+
+def dropped_fraction(stats: RouterStats) -> jax.Array:
+    """The share of the real tokens' (token, choice) pairs dropped over capacity, all layers."""
+    return jnp.sum(stats["dropped"]) / jnp.maximum(jnp.sum(stats["expert_tokens"]), 1.0)
+
+
 def load_balancing_loss(stats: RouterStats) -> jax.Array:
     """Switch-Transformer load balance as transformers computes it for Mixtral: the fractions of
     top-k assignments and of router probability per expert, each pooled over every layer's real
@@ -75,16 +107,14 @@ def _gated(h: jax.Array, gate: jax.Array | None, act) -> jax.Array:
 def dropless_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, wi: jax.Array,
                      wi_gate: jax.Array | None, wo: jax.Array, act) -> jax.Array:
     """Σ_k weights[n, k] · expert_{experts[n, k]}(x[n]) with every (token, choice) pair sorted by
-    expert and each weight applied once as a grouped product over the sorted rows."""
+    expert and each weight applied once as a grouped product over the sorted rows. An expert id
+    of E (a dropped pair) sorts last, past every group: it contributes nothing."""
     n, k = experts.shape
     num_experts = wi.shape[0]
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)  # Rows grouped by expert, in token order within one.
-    rows = x[order // k]
     group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    h = jax.lax.ragged_dot(rows, wi, group_sizes)
-    gate = None if wi_gate is None else jax.lax.ragged_dot(rows, wi_gate, group_sizes)
-    y = jax.lax.ragged_dot(_gated(h, gate, act), wo, group_sizes)
+    y = grouped_mlp(x[order // k], group_sizes, wi, wi_gate, wo, act)
     y = y[jnp.argsort(order)]  # Back to (token, choice) order.
     y = y.reshape(n, k, -1) * weights.astype(y.dtype)[..., None]
     return jnp.sum(y, axis=1)
@@ -140,9 +170,21 @@ class MoEMLP(nnx.Module):
         probs, weights, experts = route(logits, cfg.num_experts_per_token, cfg.moe_renormalize)
         mask = jnp.ones((batch * length,)) if token_mask is None else token_mask.reshape(-1)
         stats = router_stats(logits, probs, experts, mask)
+        k = cfg.num_experts_per_token
+        capacity = (expert_capacity(length, k, cfg.num_experts, cfg.moe_capacity_factor)
+                    if cfg.moe_capacity_factor else None)
+        weights, experts, stats["dropped"] = self._drop_over_capacity(weights, experts, mask,
+                                                                      (batch, length), capacity)
         get = lambda name: getattr(self, name)[...].astype(dtype) if hasattr(self, name) else None
-        y = EXPERT_IMPLS[cfg.moe_impl](flat, weights.astype(dtype), experts, get("wi"),
-                                       get("wi_gate"), get("wo"), act)
+        args = (weights.astype(dtype), experts, get("wi"), get("wi_gate"), get("wo"), act)
+        y = None
+        if cfg.moe_dispatch == "all_to_all":  # None: the tokens are not split over 'expert'.
+            y = all_to_all_experts(flat.reshape(batch, length, d),
+                                   *(a.reshape(batch, length, k) for a in args[:2]), *args[2:],
+                                   expert_capacity=capacity)
+        if y is None:
+            y = EXPERT_IMPLS[cfg.moe_impl](flat, *args)
+        y = y.reshape(batch * length, d)
         if cfg.moe_shared_expert_dim:
             h = _gated(flat @ get("shared_wi"),
                        None if get("shared_wi_gate") is None else flat @ get("shared_wi_gate"), act)
@@ -150,3 +192,14 @@ class MoEMLP(nnx.Module):
             y = y + shared_gate * (h @ get("shared_wo"))
         y = y.reshape(batch, length, d)
         return constrain(y, ("batch", "length", "act_embed")), stats
+
+    def _drop_over_capacity(self, weights, experts, mask, shape, capacity):
+        """(weights, expert ids with E for dropped pairs, the real pairs dropped); `capacity`
+        None: dropless."""
+        if capacity is None:
+            return weights, experts, jnp.zeros((), jnp.float32)
+        k, e = experts.shape[-1], self.config.num_experts
+        keep = capacity_keep(experts.reshape(*shape, k), mask.reshape(shape), capacity,
+                             e).reshape(-1, k)
+        dropped = jnp.sum(mask[:, None] * (~keep))
+        return weights * keep, jnp.where(keep, experts, e), dropped.astype(jnp.float32)

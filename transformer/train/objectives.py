@@ -102,7 +102,7 @@ def _moe_sums(model_config: ModelConfig, stats: dict, sums: dict) -> dict:
     extra = (model_config.router_aux_loss_weight * balance
              + model_config.router_z_loss_weight * z) * total
     return {"loss_sum": sums["loss_sum"] + extra, "router_aux_loss_sum": balance * total,
-            "router_z_loss_sum": z * total,
+            "router_z_loss_sum": z * total, "moe_dropped_sum": moe.dropped_fraction(stats) * total,
             "expert_tokens": jnp.sum(stats["expert_tokens"], axis=0)}
 
 
@@ -114,6 +114,7 @@ def _lm_summary(sums):
         load = load * load.shape[0]
         metrics.update({"router_aux_loss": mean_of(sums, "router_aux_loss_sum"),
                         "router_z_loss": mean_of(sums, "router_z_loss_sum"),
+                        "moe_dropped_fraction": mean_of(sums, "moe_dropped_sum"),
                         "expert_load_max": jnp.max(load), "expert_load_min": jnp.min(load),
                         **{f"expert_load/{e}": load[e] for e in range(load.shape[0])}})
     return metrics
