@@ -54,7 +54,8 @@ def batch():
 @pytest.fixture(scope="module")
 def params():
     """One set of parameters for every case (strategy and window do not change them)."""
-    return nnx.split(build_model(llama(), seed=0))[1]
+    init = jax.jit(lambda: nnx.split(build_model(llama(), seed=0))[1])
+    return init.lower().compile(FAST_COMPILE)()  # One program, not an op-by-op init.
 
 
 def loss_logits_and_grads(model_config, mesh, batch, params):
@@ -93,18 +94,17 @@ def references(batch, params):
             for window in (None, 6)}
 
 
-CASES = {  # name: (mesh, model changes)
-    "ring-balanced-context8": (dict(fsdp=1, context=8), dict(context_parallel="ring")),
+CASES = {  # name: (mesh, model changes); each strategy with and without load balancing.
+    "ring-balanced-context8-window-remat-unrolled": (
+        dict(fsdp=1, context=8),
+        dict(context_parallel="ring", sliding_window=6, remat_policy="full", scan_layers=False)),
     "ring-context4-fsdp2": (dict(fsdp=2, context=4),
                             dict(context_parallel="ring", context_load_balance=False)),
     "all_gather-balanced-context2-tensor4": (  # 2 key/value heads on 4 tensor devices.
         dict(fsdp=1, context=2, tensor=4), dict(context_parallel="all_gather")),
-    "all_gather-context4-tensor2": (dict(fsdp=1, context=4, tensor=2),
-                                    dict(context_parallel="all_gather",
-                                         context_load_balance=False)),
-    "ring-balanced-window-remat-unrolled-2x2x2": (  # GQA 4/2 split over tensor with its queries.
+    "all_gather-context2-fsdp2-tensor2": (  # GQA 4/2 split over tensor with its queries.
         dict(fsdp=2, context=2, tensor=2),
-        dict(context_parallel="ring", sliding_window=6, remat_policy="full", scan_layers=False)),
+        dict(context_parallel="all_gather", context_load_balance=False)),
 }
 
 
