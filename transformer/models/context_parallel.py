@@ -4,10 +4,13 @@ Every activation is split along its length over the n devices of the 'context' a
 attention needs tokens of other devices. Two strategies (`ModelConfig.context_parallel`):
 
   all_gather  each device gathers all keys and values (with their segment ids and positions)
-              and attends its own queries over them: one collective, T·K·D memory per device.
+              and attends its own queries over them: one collective; scores T/n × T a head.
   ring        keys and values travel around the ring of devices (`lax.ppermute`, n - 1 hops)
               while each device attends its queries to the block it holds; the blocks combine
-              by the online softmax (running max and log-sum-exp, float32): T/n memory per block.
+              by the online softmax (running max and sum, float32): scores T/n × T/n a head.
+
+Scores are materialized a block at a time (no fused kernel here) and recomputed in the backward
+pass (`jax.checkpoint` per block); the backward pass keeps each hop's key/value block.
 
 Causal load balancing (`ModelConfig.context_load_balance`): with the tokens in order, device i
 would attend to i + 1 blocks and the last device would do n times the first's work. The batch
