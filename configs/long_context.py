@@ -36,12 +36,14 @@ def get_config(arg: str = "32k"):
     c.model.rope_base = 500_000.0  # Wavelengths up to the context length.
     c.model.context_parallel = "ring"  # Key/value blocks around the context devices.
     c.model.context_load_balance = True  # Zig-zag chunks: equal causal work on every device.
-    # 4M tokens a step: 128 rows of 32k (32 of 128k), one row per fsdp device at a time.
+    # 4M tokens a step: 128 rows of 32k, 32 of 128k.
     c.data.global_batch_size = 4 * 1024 * 1024 // length
-    if arg == "32k":  # v5p-64: 32k / 8 = 4k tokens per chip and row.
+    if arg == "32k":  # v5p-64: 32k / 8 = 4k tokens per chip and row; 4 rows per chip at a
+        # time (8 microbatches): 38 of 95 GiB (docs/scaling.md).
         c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 4, "context": 8, "tensor": 1})
-        c.grad_accum_steps = 32
-    elif arg == "128k":  # v5p-256 (128 chips): 128k / 16 = 8k tokens per chip and row.
+        c.grad_accum_steps = 8
+    elif arg == "128k":  # v5p-256 (128 chips): 128k / 16 = 8k tokens per chip and row, one
+        # row per chip at a time.
         c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 8, "context": 16, "tensor": 1})
         c.grad_accum_steps = 4
     else:  # On one CPU host (as llama_pretrain.py:tiny), the rest of the devices on 'context'.
