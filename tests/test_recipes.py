@@ -16,6 +16,7 @@ VARIANTS = {
     "gpt2_pretrain": ["tiny", "small", "medium", "large", "xl"],
     "llama_pretrain": ["tiny", "1b", "7b"],
     "moe_pretrain": ["tiny", "8x7b"],
+    "long_context": ["tiny", "32k", "128k"],
     "sft": ["squad", "ci"],
 }
 

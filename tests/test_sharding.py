@@ -64,7 +64,7 @@ def check_parameter_shardings(model, mesh):
         names = sharding.variable_axes(variable)
         expected = []
         for dim, name in enumerate(names):
-            axes = tuple(a for a in (table[name] if name else ()) if mesh.shape[a] > 1)
+            axes = tuple(a for a in (table[name] if name else ()) if mesh.shape.get(a, 1) > 1)
             size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
             if not axes or array.shape[dim] % size or any(a in sum(expected, ()) for a in axes):
                 axes = ()

@@ -19,10 +19,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
-# A mesh has the 'expert' axis only when its shape names it (MoE expert parallelism); the
-# shapes of configs that don't are unchanged.
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
+# A mesh has the 'expert' axis (MoE expert parallelism) and the 'context' axis (context
+# parallelism: the sequence split over devices) only when its shape names them; the shapes of
+# configs that don't are unchanged.
 BASE_MESH_AXES = ("data", "fsdp", "tensor")
+# The mesh axis that splits the sequence; attention under context parallelism
+# (transformer/models/context_parallel.py) passes keys and values over it.
+CONTEXT_AXIS = "context"
 # Mesh axes that split the batch.
 BATCH_MESH_AXES = ("data", "fsdp", "expert")
 
@@ -35,16 +39,17 @@ Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 
 # Data parallelism over 'data', ZeRO-3 style sharding of parameters over 'fsdp' (whose devices
 # also split the batch), Megatron-style tensor parallelism over 'tensor', the experts of MoE
-# blocks over 'expert' (whose devices also split the batch: each holds E / n experts).
+# blocks over 'expert' (whose devices also split the batch: each holds E / n experts), the
+# sequence over 'context' (whose devices also hold a share of the parameters, as fsdp's do).
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_MESH_AXES),
-    ("length", None),
+    ("length", CONTEXT_AXIS),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", CONTEXT_AXIS)),
     ("heads", "tensor"),
     ("kv", None),
     ("mlp", "tensor"),
@@ -70,17 +75,20 @@ def batch_devices(mesh: Mesh) -> int:
 
 
 def mesh_axes(shape: Mapping[str, int] | Sequence[int]) -> tuple[str, ...]:
-    """The axes of a mesh of `shape`: with 'expert' when the shape names it (4 sizes)."""
+    """The axes of a mesh of `shape`: with 'expert' and 'context' when a mapping names them; a
+    sequence of sizes has 3 (data, fsdp, tensor), 4 (+ expert) or 5 (all) of them."""
     if isinstance(shape, Mapping):
-        return MESH_AXES if "expert" in shape else BASE_MESH_AXES
+        return tuple(a for a in MESH_AXES if a in BASE_MESH_AXES or a in shape)
+    if len(shape) == 4:
+        return ("data", "fsdp", "expert", "tensor")
     return MESH_AXES if len(shape) == len(MESH_AXES) else BASE_MESH_AXES
 
 
 def make_mesh(
     shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
-    """A mesh over `devices` (default: all) with axes ('data', 'fsdp', 'tensor'), or ('data',
-    'fsdp', 'expert', 'tensor') when `shape` names 'expert' (a mapping) or has four sizes.
+    """A mesh over `devices` (default: all) with axes ('data', 'fsdp', 'tensor'), and 'expert'
+    and 'context' before 'tensor' when `shape` names them (see `mesh_axes`).
 
     `shape` gives each axis size; one may be -1 for "the rest of the devices".
     """
@@ -99,7 +107,7 @@ def mesh_sizes(shape: Mapping[str, int] | Sequence[int], device_count: int) -> l
         raise ValueError(f"unknown mesh axes {sorted(extra)}; the mesh axes are {MESH_AXES}")
     if len(sizes) != len(axes):
         raise ValueError(f"mesh shape {sizes} needs one size per axis {BASE_MESH_AXES} "
-                         f"(or {MESH_AXES})")
+                         f"(or {MESH_AXES}, or name them in a mapping)")
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh shape {sizes}: at most one axis may be -1")
     known = math.prod(s for s in sizes if s != -1)
@@ -227,6 +235,19 @@ def use_mesh(mesh: Mesh, rules: Rules) -> Iterator[Mesh]:
             yield mesh
     finally:
         _active_rules.reset(token)
+
+
+def active_rules() -> dict[str, tuple[str, ...]] | None:
+    """The logical rules of the enclosing `use_mesh` (None outside one)."""
+    return _active_rules.get()
+
+
+def context_size() -> int:
+    """Devices of the active mesh's 'context' axis (1 outside `use_mesh` or without the axis)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if _active_rules.get() is None or mesh.empty:
+        return 1
+    return dict(mesh.shape).get(CONTEXT_AXIS, 1)
 
 
 def active_spec(names: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec | None:

@@ -11,10 +11,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from transformer.models import lora
+from transformer.models import context_parallel, lora
 from transformer.models import positions as pos
 from transformer.models.common import dropout, dtype_of, param
 from transformer.models.config import ModelConfig
+from transformer.models.masks import segment_mask
 from transformer.sharding import constrain
 
 
@@ -35,16 +36,10 @@ def make_attention_mask(
     With `causal`, query i (at sequence index `query_offset + i`) sees keys 0..that index; with a
     `window` too, only the last `window` of them (sliding-window attention, as in Mistral).
     """
-    same_segment = query_segment_ids[:, :, None] == key_segment_ids[:, None, :]
-    padding_query = query_segment_ids[:, :, None] == 0
-    mask = (same_segment | padding_query) & (key_segment_ids[:, None, :] != 0)
-    if causal:
-        q_index = (query_offset + jnp.arange(query_segment_ids.shape[1]))[None, :, None]
-        k_index = jnp.arange(key_segment_ids.shape[1])[None, None, :]
-        mask = mask & (k_index <= q_index)
-        if window is not None:
-            mask = mask & (k_index > q_index - window)
-    return mask[:, None, :, :]
+    q_index = (query_offset + jnp.arange(query_segment_ids.shape[1]))[None, :]
+    k_index = jnp.arange(key_segment_ids.shape[1])[None, :]
+    return segment_mask(query_segment_ids, key_segment_ids, q_index, k_index, causal=causal,
+                        window=window)
 
 
 def dot_product_attention(
@@ -147,7 +142,7 @@ class MultiHeadAttention(nnx.Module):
         self,
         x: jax.Array,
         *,
-        mask: jax.Array | None,
+        mask: jax.Array | context_parallel.TokenLayout | None,
         positions: jax.Array,
         cache: KVCache | None = None,
         cache_index: jax.Array | int = 0,
@@ -185,14 +180,19 @@ class MultiHeadAttention(nnx.Module):
             cache = KVCache(write(cache.key, k), write(cache.value, v))
             k, v = cache.key, cache.value
 
-        y, weights = dot_product_attention(
-            q, k, v, mask,
-            impl=cfg.attention_impl,
-            heads_first=cache is not None,
-            dropout_rate=cfg.attention_dropout_rate,
-            dropout_rng=dropout_rng,
-            return_weights=return_weights,
-        )
+        if isinstance(mask, context_parallel.TokenLayout):  # The sequence split over devices.
+            context_parallel.check_supported(
+                return_weights, cfg.attention_dropout_rate > 0 and dropout_rng is not None)
+            y, weights = context_parallel.attention(q, k, v, mask, cfg.context_parallel), None
+        else:
+            y, weights = dot_product_attention(
+                q, k, v, mask,
+                impl=cfg.attention_impl,
+                heads_first=cache is not None,
+                dropout_rate=cfg.attention_dropout_rate,
+                dropout_rng=dropout_rng,
+                return_weights=return_weights,
+            )
         y = constrain(y, ("batch", "length", "act_heads", None))
         out = jnp.einsum("bthk,hkd->btd", y, self.out[...].astype(dtype))
         out = lora.apply(self.out_lora, y, out, lora_rngs[3])

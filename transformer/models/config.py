@@ -10,6 +10,7 @@ ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "sinusoidal", "rope", "none")
 ATTENTION_IMPLS = ("einsum", "xla")
+CONTEXT_STRATEGIES = ("ring", "all_gather")  # transformer/models/context_parallel.py
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ARCHITECTURES = ("encoder", "decoder")
 ROPE_SCALINGS = ("none", "linear", "llama3")
@@ -68,6 +69,10 @@ class ModelConfig:
     attention_dropout_rate: float = 0.0  # Dropout on the attention weights.
     attention_impl: str = "xla"  # 'einsum' (reference) or 'xla' (jax.nn.dot_product_attention).
     sliding_window: int | None = None  # Decoders: each token sees itself and the previous W-1.
+    # Under a 'context' mesh axis (the sequence split over devices): 'ring' passes key/value
+    # blocks around the devices, 'all_gather' gathers them all (transformer/models/context_parallel.py).
+    context_parallel: str = "ring"
+    context_load_balance: bool = True  # Causal: batches laid out zig-zag (the train step does it).
     initializer_range: float = 0.02  # Std of the normal initializers.
     scale_residual_init: bool = False  # GPT-2: output projections init std / sqrt(2 * layers).
     param_dtype: str = "float32"  # Storage dtype of the parameters.
@@ -103,6 +108,7 @@ class ModelConfig:
         _check_choice("position", self.position, POSITIONS)
         _check_choice("rope_scaling", self.rope_scaling, ROPE_SCALINGS)
         _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        _check_choice("context_parallel", self.context_parallel, CONTEXT_STRATEGIES)
         _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("param_dtype", self.param_dtype, DTYPES)

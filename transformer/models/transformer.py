@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from transformer.models import context_parallel
 from transformer.models.attention import KVCache, make_attention_mask
 from transformer.models.blocks import LayerStack
 from transformer.models.common import dropout, dtype_of, param, split_rng
@@ -88,7 +89,10 @@ class Encoder(nnx.Module):
         if cfg.embedding_norm:
             x = self.embedding_norm(x)
         x = dropout(x, cfg.dropout_rate, embed_rng)
-        mask = make_attention_mask(segments, segments, causal=False)
+        if context_parallel.active():
+            mask = context_parallel.layout(cfg, segments, positions, causal=False)
+        else:
+            mask = make_attention_mask(segments, segments, causal=False)
         x, _, weights, _ = self.layers(
             x, mask=mask, positions=positions, dropout_rng=stack_rng,
             return_weights=output_attentions,
@@ -158,7 +162,9 @@ class Decoder(nnx.Module):
         embed_rng, stack_rng = split_rng(dropout_rng, 2)
         x = self.embeddings(input_ids, positions, token_type_ids, inputs_embeds)
         x = dropout(x, cfg.dropout_rate, embed_rng)
-        if cache is None:
+        if cache is None and context_parallel.active():  # The tokens may be laid out zig-zag.
+            mask = context_parallel.layout(cfg, segments, positions, causal=True)
+        elif cache is None:
             mask = make_attention_mask(segments, segments, causal=True, window=cfg.sliding_window)
         else:
             if cache_segment_ids is None:

@@ -13,6 +13,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from transformer import sharding
+from transformer.models import context_parallel
 from transformer.train import dp, trainable
 from transformer.train.objectives import get_objective
 from transformer.train.optimizer import applied_steps
@@ -27,9 +28,14 @@ def make_loss_fn(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
     (micro)batch, with the loss of `config.objective`; a frozen teacher (distillation) gets no
     gradient."""
     objective = get_objective(config.objective)
+    zig_zag = dict(causal=config.model.architecture == "decoder",
+                   load_balance=config.model.get("context_load_balance", True))
 
     def loss_fn(params: Any, batch: Batch, dropout_rng: jax.Array | None,
                 teacher_params: Any = None):
+        # Causal load balancing lays the tokens out zig-zag; the loss sums over tokens, so
+        # their order does not change it.
+        batch = context_parallel.prepare_batch(batch, **zig_zag)
         batch = {k: sharding.constrain(v, _axes(objective.batch_axes, v.ndim))
                  for k, v in batch.items()}
         model = nnx.merge(graphdef, params)
