@@ -184,7 +184,7 @@ class EncoderDecoder(nnx.Module):
         if not config.tie_embeddings:
             self.lm_head = param(rngs, (d, config.vocab_size), ("embed", "vocab"), std=std, dtype=pd)
         if config.final_logits_bias:
-            self.logits_bias = param(rngs, (config.vocab_size,), ("vocab",), dtype=pd)
+            self.logits_bias = param(rngs, (1, config.vocab_size), (None, "vocab"), dtype=pd)
 
     def embed(self, ids: jax.Array) -> jax.Array:
         x = self.embeddings(ids, jnp.zeros_like(ids))  # Positions are added per stack.
@@ -292,7 +292,7 @@ class EncoderDecoder(nnx.Module):
         else:
             logits = constrain(x @ self.lm_head[...].astype(dtype), ("batch", "length", "act_vocab"))
         if cfg.final_logits_bias:
-            logits = logits + self.logits_bias[...].astype(dtype)
+            logits = logits + self.logits_bias[...][0].astype(dtype)
         return logits.astype(jnp.float32)
 
     def init_cache(
