@@ -123,3 +123,14 @@ def test_export_loads_in_transformers_with_the_same_logits(models, name, tmp_pat
     # The exported folder imports back to the same model.
     again = load_hf_model(folder)
     assert again.config == ours.config
+
+
+def test_sharded_safetensors_folder_imports_the_same(models, tmp_path):
+    folder, hf, ours = models["bart"]
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    again = load_hf_model(tmp_path / "sharded")
+    mine = nnx.to_flat_state(nnx.state(ours, nnx.Param))
+    theirs = dict(nnx.to_flat_state(nnx.state(again, nnx.Param)))
+    for path, variable in mine:
+        np.testing.assert_array_equal(np.asarray(variable[...]), np.asarray(theirs[path][...]))
