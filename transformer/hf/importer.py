@@ -44,7 +44,17 @@ def hf_model_config(folder: str | pathlib.Path) -> tuple[families.Family, ModelC
     hf = read_hf_config(folder)
     family = families.family_for_model_type(hf.get("model_type"))
     names = SafetensorsReader(folder).names()
-    return family, family.config_from_hf(hf, names), family.prefix(names)
+    return family, _config_from_hf(family, hf, names, folder), family.prefix(names)
+
+
+def _config_from_hf(family: families.Family, hf: dict[str, Any], names: Collection[str],
+                    folder: str | pathlib.Path) -> ModelConfig:
+    try:
+        return family.config_from_hf(hf, names)
+    except KeyError as missing:
+        raise ValueError(f"{pathlib.Path(folder) / CONFIG_FILE} has no field {missing}, which "
+                         f"{family.name} needs (is model_type={hf.get('model_type')!r} right?)"
+                         ) from None
 
 
 def load_hf_model(
@@ -66,7 +76,7 @@ def load_hf_model(
     family = families.family_for_model_type(hf.get("model_type"))
     reader = SafetensorsReader(folder)
     names = reader.names()
-    config = family.config_from_hf(hf, names)
+    config = _config_from_hf(family, hf, names, folder)
     overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
     config = config.replace(**overrides)
     _check_experts(config, reader, family.prefix(names))
@@ -98,7 +108,7 @@ def load_hf_model(
 # Parameters an HF checkpoint may lack by design: BertModel has no MLM output bias, Qwen2 no
 # attention output bias.
 ZERO_IF_ABSENT = ("lm_bias", "layers.blocks.attention.out_bias",
-                  "layers.moe_blocks.attention.out_bias")
+                  "layers.moe_blocks.attention.out_bias", "logits_bias")
 
 
 def _check_experts(config: ModelConfig, reader: SafetensorsReader, prefix: str) -> None:
@@ -152,4 +162,6 @@ def _check(
 
 def _tied_copy(name: str) -> bool:
     """Output layers that some checkpoints store although they are tied to the embeddings."""
-    return name in ("lm_head.weight", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+    return name in ("lm_head.weight", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias",
+                    "encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
+                    "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight")
