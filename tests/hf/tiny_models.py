@@ -17,6 +17,9 @@ _LLAMA = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden
               rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 _BERT = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
              intermediate_size=64, max_position_embeddings=64, type_vocab_size=2)
+_T5 = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+           relative_attention_num_buckets=8, relative_attention_max_distance=20,
+           decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
 
 # name: (model class, config class, config kwargs)
 TINY = {
@@ -54,6 +57,17 @@ TINY = {
                          "shared_expert_intermediate_size": 40, "num_experts": 4,
                          "num_experts_per_tok": 2, "decoder_sparse_step": 2,
                          "norm_topk_prob": True}),
+    # Encoder-decoders: T5 v1.0 (ReLU, tied and scaled head), v1.1 (gated GELU), BART.
+    "t5": (transformers.T5ForConditionalGeneration, transformers.T5Config, _T5),
+    "t5_v1_1": (transformers.T5ForConditionalGeneration, transformers.T5Config,
+                {**_T5, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False,
+                 "num_decoder_layers": 3}),
+    "bart": (transformers.BartForConditionalGeneration, transformers.BartConfig,
+             dict(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                  decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=1,
+                  bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+                  forced_eos_token_id=None)),
 }
 
 
@@ -66,6 +80,8 @@ def make_tiny(name: str, directory: pathlib.Path, seed: int = 0) -> tuple[pathli
         for p in model.parameters():
             if p.ndim == 1:
                 p.add_(0.1 * torch.randn_like(p))
+        if hasattr(model, "final_logits_bias"):  # BART's is a buffer.
+            model.final_logits_bias.add_(0.1 * torch.randn_like(model.final_logits_bias))
     path = directory / name
     model.save_pretrained(path, safe_serialization=True)
     return path, model

@@ -1,4 +1,4 @@
-"""The Hugging Face model families we read and write: BERT, GPT-2, Llama/Mistral.
+"""The Hugging Face model families we read and write: BERT, GPT-2, Llama/Mistral, MoE, T5, BART.
 
 Each family maps `config.json` to our `ModelConfig` (and back), and names, for every parameter of
 our model, the HF tensor(s) that hold it (`mapping.Spec`). Our parameter paths are the dotted keys
@@ -476,10 +476,207 @@ QWEN2_MOE = Family(
     ("", "model."), "embed_tokens.weight", lambda c: "model.",
     lambda c: _moe_requirements(c, shared=True),
 )
-# Families whose specs depend on the checkpoint's tensor names (the expert layout).
-LAYOUT_DEPENDENT = (MIXTRAL, QWEN2_MOE)
 
-FAMILIES = (BERT, GPT2, LLAMA, MIXTRAL, QWEN2_MOE)
+
+# ------------------------------------------------------------------------------ T5 and BART
+#
+# Our encoder-decoder (transformer/models/encoder_decoder.py) holds one token table
+# ('embeddings.tokens', HF 'shared'), then 'encoder.*' and 'decoder.*' stacks of blocks; the
+# decoder's blocks add 'cross_attention' and its norm.
+
+
+def _t5_config(hf: dict[str, Any], names: Collection[str]) -> ModelConfig:
+    projection = hf.get("feed_forward_proj", "relu")
+    gated = projection.startswith("gated-")
+    act = hf.get("dense_act_fn") or projection.split("-")[-1]
+    act = "gelu_new" if projection == "gated-gelu" else act
+    if act not in ACTIVATIONS_FROM_HF:
+        raise unsupported("feed_forward_proj", projection, "T5", "relu, gated-gelu, gated-silu")
+    tied = hf.get("tie_word_embeddings", True) is not False or "lm_head.weight" not in names
+    # transformers 5 ties the head always and says whether to scale in scale_decoder_outputs;
+    # older configs said it with tie_word_embeddings (T5 v1.0: tied and scaled; v1.1: neither).
+    scaled = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True) is not False)
+    return ModelConfig(
+        architecture="encoder_decoder", vocab_size=hf["vocab_size"], hidden_size=hf["d_model"],
+        num_layers=hf["num_layers"], num_decoder_layers=hf.get("num_decoder_layers"),
+        num_heads=hf["num_heads"], head_dim=hf["d_kv"], mlp_dim=hf["d_ff"],
+        activation=ACTIVATIONS_FROM_HF[act], gated_mlp=gated, norm="rmsnorm",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-6), pre_norm=True, final_norm=True,
+        position="relative", relative_buckets=hf.get("relative_attention_num_buckets", 32),
+        relative_max_distance=hf.get("relative_attention_max_distance", 128),
+        max_length=hf.get("n_positions", 512), attention_bias=False, mlp_bias=False,
+        scaled_attention=False, tie_embeddings=tied, scale_decoder_output=bool(scaled),
+        dropout_rate=hf.get("dropout_rate", 0.1),
+        decoder_start_token_id=hf.get("decoder_start_token_id", hf.get("pad_token_id", 0)),
+    )
+
+
+def _attention_specs(s: Specs, ours: str, layer: Callable[[str], tuple[str, ...]],
+                     names: tuple[str, str, str, str], c: ModelConfig, bias: bool) -> None:
+    """q, k, v, o projections of one attention module in every layer (`names` in HF)."""
+    d, h, hd = c.hidden_size, c.num_heads, c.dim_per_head
+    for part, theirs in zip(("query", "key", "value"), names[:3]):
+        s[f"{ours}.{part}"] = m.heads_in(layer(theirs + ".weight"), d, h, hd, stacked=True)
+        if bias:
+            s[f"{ours}.{part}_bias"] = m.heads_bias(layer(theirs + ".bias"), h, hd, stacked=True)
+    s[f"{ours}.out"] = m.heads_out(layer(names[3] + ".weight"), d, h, hd, stacked=True)
+    if bias:
+        s[f"{ours}.out_bias"] = m.plain(layer(names[3] + ".bias"), (d,), stacked=True)
+
+
+def _t5_specs(c: ModelConfig, p: str) -> Specs:
+    d, f, v = c.hidden_size, c.mlp_dim, c.vocab_size
+    s: Specs = {"embeddings.tokens": m.plain(p + "shared.weight", (v, d))}
+    qkvo = ("q", "k", "v", "o")
+    for side, layers in (("encoder", c.num_layers), ("decoder", c.decoder_layers)):
+        layer = lambda suffix, side=side, n=layers: m.per_layer(
+            f"{p}{side}.block.{{i}}.layer.{suffix}", n)
+        b = f"{side}.layers.blocks."
+        s[f"{side}.relative_bias"] = m.plain(
+            f"{p}{side}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            (c.relative_buckets, c.num_heads))
+        _attention_specs(s, b + "attention", layer, tuple(f"0.SelfAttention.{n}" for n in qkvo),
+                         c, bias=False)
+        _norm(s, b + "attention_norm", layer("0.layer_norm"), d, bias=False)
+        mlp = "1" if side == "encoder" else "2"
+        if side == "decoder":
+            _attention_specs(s, b + "cross_attention", layer,
+                             tuple(f"1.EncDecAttention.{n}" for n in qkvo), c, bias=False)
+            _norm(s, b + "cross_attention_norm", layer("1.layer_norm"), d, bias=False)
+        dense = f"{mlp}.DenseReluDense."
+        if c.gated_mlp:  # HF: wo(act(wi_0 x) * wi_1 x); ours: act(x·wi) * (x·wi_gate) · wo.
+            s[b + "mlp.wi"] = m.transposed(layer(dense + "wi_0.weight"), f, d, stacked=True)
+            s[b + "mlp.wi_gate"] = m.transposed(layer(dense + "wi_1.weight"), f, d, stacked=True)
+        else:
+            s[b + "mlp.wi"] = m.transposed(layer(dense + "wi.weight"), f, d, stacked=True)
+        s[b + "mlp.wo"] = m.transposed(layer(dense + "wo.weight"), d, f, stacked=True)
+        _norm(s, b + "mlp_norm", layer(f"{mlp}.layer_norm"), d, bias=False)
+        _norm(s, f"{side}.final_norm", f"{p}{side}.final_layer_norm", d, bias=False)
+    if not c.tie_embeddings:
+        s["lm_head"] = m.transposed("lm_head.weight", v, d)
+    return s
+
+
+def _t5_to_hf(c: ModelConfig) -> dict[str, Any]:
+    act = ACTIVATIONS_TO_HF[c.activation]
+    return {
+        "architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
+        "is_encoder_decoder": True, "vocab_size": c.vocab_size, "d_model": c.hidden_size,
+        "num_layers": c.num_layers, "num_decoder_layers": c.decoder_layers,
+        "num_heads": c.num_heads, "d_kv": c.dim_per_head, "d_ff": c.mlp_dim,
+        "feed_forward_proj": f"gated-{act}" if c.gated_mlp else act, "dense_act_fn": act,
+        "is_gated_act": c.gated_mlp, "layer_norm_epsilon": c.norm_eps,
+        "relative_attention_num_buckets": c.relative_buckets,
+        "relative_attention_max_distance": c.relative_max_distance,
+        "dropout_rate": c.dropout_rate, "tie_word_embeddings": c.tie_embeddings,
+        "scale_decoder_outputs": c.scale_decoder_output, "pad_token_id": 0, "eos_token_id": 1,
+        "decoder_start_token_id": c.decoder_start_token_id,
+    }
+
+
+_ENCODER_DECODER = dict(architecture="encoder_decoder", num_experts=0, lora_rank=0,
+                        type_vocab_size=0, embedding_scale=False)
+
+
+def _t5_requirements(c: ModelConfig) -> dict[str, Any]:
+    return dict(_ENCODER_DECODER, position="relative", norm="rmsnorm", pre_norm=True,
+                final_norm=True, embedding_norm=False, attention_bias=False, mlp_bias=False,
+                scaled_attention=False, final_logits_bias=False, kv_heads=c.num_heads)
+
+
+T5 = Family(
+    "T5", ("t5",), _t5_config, _t5_to_hf, _t5_specs, ("",), "shared.weight", lambda c: "",
+    _t5_requirements,
+)
+
+
+def _bart_config(hf: dict[str, Any], names: Collection[str]) -> ModelConfig:
+    for ours, theirs in (("encoder_attention_heads", "decoder_attention_heads"),
+                         ("encoder_ffn_dim", "decoder_ffn_dim")):
+        if hf.get(ours) != hf.get(theirs, hf.get(ours)):
+            raise unsupported(theirs, hf[theirs], "BART", f"only equal to {ours}={hf[ours]}")
+    for field in ("normalize_before", "add_final_layer_norm"):
+        if hf.get(field):
+            raise unsupported(field, hf[field], "BART", "only false (BART, not mBART)")
+    return ModelConfig(
+        architecture="encoder_decoder", vocab_size=hf["vocab_size"], hidden_size=hf["d_model"],
+        num_layers=hf["encoder_layers"], num_decoder_layers=hf["decoder_layers"],
+        num_heads=hf["encoder_attention_heads"], mlp_dim=hf["encoder_ffn_dim"],
+        activation=_activation(hf, "activation_function", "BART"), norm="layernorm",
+        norm_eps=1e-5, pre_norm=False, final_norm=False, embedding_norm=True,
+        position="learned", position_offset=2, max_length=hf.get("max_position_embeddings", 1024),
+        embedding_scale=bool(hf.get("scale_embedding", False)), tie_embeddings=True,
+        final_logits_bias=True, dropout_rate=hf.get("dropout", 0.1),
+        attention_dropout_rate=hf.get("attention_dropout", 0.0),
+        initializer_range=hf.get("init_std", 0.02),
+        decoder_start_token_id=hf.get("decoder_start_token_id", 2),
+    )
+
+
+def _bart_specs(c: ModelConfig, p: str, names: Collection[str] = ()) -> Specs:
+    """`names`: the checkpoint's tensors; one without final_logits_bias (a BartModel, or a
+    checkpoint that left the zero buffer out) leaves ours at zero."""
+    d, f, v = c.hidden_size, c.mlp_dim, c.vocab_size
+    s: Specs = {"embeddings.tokens": m.plain(p + "shared.weight", (v, d))}
+    if not names or "final_logits_bias" in names:
+        s["logits_bias"] = m.plain("final_logits_bias", (1, v))
+    for side, layers in (("encoder", c.num_layers), ("decoder", c.decoder_layers)):
+        layer = lambda suffix, side=side, n=layers: m.per_layer(
+            f"{p}{side}.layers.{{i}}.{suffix}", n)
+        b = f"{side}.layers.blocks."
+        s[f"{side}.positions"] = m.plain(f"{p}{side}.embed_positions.weight",
+                                         (c.max_length + c.position_offset, d))
+        _norm(s, f"{side}.embedding_norm", f"{p}{side}.layernorm_embedding", d)
+        qkvo = ("q_proj", "k_proj", "v_proj", "out_proj")
+        _attention_specs(s, b + "attention", layer, tuple(f"self_attn.{n}" for n in qkvo), c,
+                         bias=True)
+        _norm(s, b + "attention_norm", layer("self_attn_layer_norm"), d)
+        if side == "decoder":
+            _attention_specs(s, b + "cross_attention", layer,
+                             tuple(f"encoder_attn.{n}" for n in qkvo), c, bias=True)
+            _norm(s, b + "cross_attention_norm", layer("encoder_attn_layer_norm"), d)
+        s[b + "mlp.wi"] = m.transposed(layer("fc1.weight"), f, d, stacked=True)
+        s[b + "mlp.bi"] = m.plain(layer("fc1.bias"), (f,), stacked=True)
+        s[b + "mlp.wo"] = m.transposed(layer("fc2.weight"), d, f, stacked=True)
+        s[b + "mlp.bo"] = m.plain(layer("fc2.bias"), (d,), stacked=True)
+        _norm(s, b + "mlp_norm", layer("final_layer_norm"), d)
+    return s
+
+
+def _bart_to_hf(c: ModelConfig) -> dict[str, Any]:
+    return {
+        "architectures": ["BartForConditionalGeneration"], "model_type": "bart",
+        "is_encoder_decoder": True, "vocab_size": c.vocab_size, "d_model": c.hidden_size,
+        "encoder_layers": c.num_layers, "decoder_layers": c.decoder_layers,
+        "encoder_attention_heads": c.num_heads, "decoder_attention_heads": c.num_heads,
+        "encoder_ffn_dim": c.mlp_dim, "decoder_ffn_dim": c.mlp_dim,
+        "activation_function": ACTIVATIONS_TO_HF[c.activation],
+        "max_position_embeddings": c.max_length, "scale_embedding": c.embedding_scale,
+        "dropout": c.dropout_rate, "attention_dropout": c.attention_dropout_rate,
+        "activation_dropout": 0.0, "init_std": c.initializer_range,
+        "tie_word_embeddings": True, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
+        "decoder_start_token_id": c.decoder_start_token_id, "forced_eos_token_id": 2,
+    }
+
+
+def _bart_requirements(c: ModelConfig) -> dict[str, Any]:
+    return dict(_ENCODER_DECODER, position="learned", position_offset=2, norm="layernorm",
+                norm_eps=1e-5, pre_norm=False, final_norm=False, embedding_norm=True,
+                attention_bias=True, mlp_bias=True, gated_mlp=False, tie_embeddings=True,
+                scaled_attention=True, final_logits_bias=True, scale_decoder_output=False,
+                kv_heads=c.num_heads, dim_per_head=c.hidden_size // c.num_heads)
+
+
+BART = Family(
+    "BART", ("bart",), _bart_config, _bart_to_hf, _bart_specs, ("model.", ""), "shared.weight",
+    lambda c: "model.", _bart_requirements,
+)
+
+# Families whose specs depend on the checkpoint's tensor names (the expert layout, BART's
+# optional final_logits_bias).
+LAYOUT_DEPENDENT = (MIXTRAL, QWEN2_MOE, BART)
+
+FAMILIES = (BERT, GPT2, LLAMA, MIXTRAL, QWEN2_MOE, T5, BART)
 
 
 def specs_for(family: Family, config: ModelConfig, prefix: str,

@@ -98,7 +98,7 @@ def load_hf_model(
 # Parameters an HF checkpoint may lack by design: BertModel has no MLM output bias, Qwen2 no
 # attention output bias.
 ZERO_IF_ABSENT = ("lm_bias", "layers.blocks.attention.out_bias",
-                  "layers.moe_blocks.attention.out_bias")
+                  "layers.moe_blocks.attention.out_bias", "logits_bias")
 
 
 def _check_experts(config: ModelConfig, reader: SafetensorsReader, prefix: str) -> None:
@@ -152,4 +152,6 @@ def _check(
 
 def _tied_copy(name: str) -> bool:
     """Output layers that some checkpoints store although they are tied to the embeddings."""
-    return name in ("lm_head.weight", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+    return name in ("lm_head.weight", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias",
+                    "encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
+                    "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight")

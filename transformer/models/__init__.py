@@ -9,12 +9,15 @@ from flax import nnx
 
 from transformer.models.attention import KVCache, dot_product_attention, make_attention_mask
 from transformer.models.config import PRESETS, ModelConfig, get_preset
+from transformer.models.encoder_decoder import EncoderDecoder
 from transformer.models.transformer import Decoder, Encoder, ModelOutput
 
-MODELS: dict[str, type[nnx.Module]] = {"encoder": Encoder, "decoder": Decoder}
+MODELS: dict[str, type[nnx.Module]] = {
+    "encoder": Encoder, "decoder": Decoder, "encoder_decoder": EncoderDecoder,
+}
 
 
-def build_model(config: ModelConfig | str, *, seed: int = 0) -> Encoder | Decoder:
+def build_model(config: ModelConfig | str, *, seed: int = 0) -> Encoder | Decoder | EncoderDecoder:
     """A freshly initialized model for a config or a preset name (on the default device)."""
     config = get_preset(config) if isinstance(config, str) else config
     return MODELS[config.architecture](config, rngs=nnx.Rngs(seed))
@@ -29,6 +32,6 @@ def count_params(config: ModelConfig | str) -> int:
 
 
 __all__ = [
-    "MODELS", "PRESETS", "Decoder", "Encoder", "KVCache", "ModelConfig", "ModelOutput",
+    "MODELS", "PRESETS", "Decoder", "Encoder", "EncoderDecoder", "KVCache", "ModelConfig", "ModelOutput",
     "build_model", "count_params", "dot_product_attention", "get_preset", "make_attention_mask",
 ]

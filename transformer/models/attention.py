@@ -58,6 +58,8 @@ def dot_product_attention(
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
     return_weights: bool = False,
+    bias: jax.Array | None = None,
+    scale: float | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Attention of query [B,T,H,D] over key/value [B,S,K,D] (or [B,K,S,D] with `heads_first`,
     the KV-cache layout), K dividing H (grouped-query).
@@ -66,15 +68,18 @@ def dot_product_attention(
     `jax.nn.dot_product_attention` with its default implementation, XLA's own fused attention
     (cuDNN flash attention is `implementation='cudnn'`, compared in benchmarks/accelerator.py). Attention
     dropout and returning the weights need the explicit weights, so they use the einsum path.
+    `bias` [B or 1, H, T, S] is added to the logits (T5's relative positions); `scale` multiplies
+    them (default 1/√D; T5 uses 1).
     Returns the output [B,T,H,D] and the weights [B,H,T,S] (float32) when asked for.
     """
     batch, q_len, heads, depth = query.shape
     kv = "bksd" if heads_first else "bskd"
     kv_heads, kv_len = (key.shape[1], key.shape[2]) if heads_first else (key.shape[2], key.shape[1])
-    scale = 1.0 / math.sqrt(depth)
+    scale = 1.0 / math.sqrt(depth) if scale is None else scale
     training_dropout = dropout_rate > 0.0 and dropout_rng is not None
     if impl == "xla" and not (training_dropout or return_weights or heads_first):
-        out = jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale)
+        bias = None if bias is None else bias.astype(query.dtype)
+        out = jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask, scale=scale)
         return out, None
     if impl not in ("einsum", "xla"):
         raise ValueError(f"attention impl {impl!r} is not one of ['einsum', 'xla']")
@@ -88,6 +93,8 @@ def dot_product_attention(
         f"{q_spec},{kv}->{s_spec}", grouped, key, preferred_element_type=jnp.float32
     ).reshape(batch, heads, q_len, kv_len)
     scores = scores * scale
+    if bias is not None:
+        scores = scores + bias.astype(jnp.float32)
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1)
@@ -153,33 +160,35 @@ class MultiHeadAttention(nnx.Module):
         cache_index: jax.Array | int = 0,
         dropout_rng: jax.Array | None = None,
         return_weights: bool = False,
+        bias: jax.Array | None = None,
+        memory: KVCache | None = None,
     ) -> tuple[jax.Array, KVCache | None, jax.Array | None]:
         """x [B,T,embed] → ([B,T,embed], updated cache, weights [B,H,T,S] or None).
 
         With a cache, the new keys/values are written at `cache_index` and the queries attend
-        over the whole cache; the caller's mask says which cache slots are valid.
+        over the whole cache; the caller's mask says which cache slots are valid. With `memory`
+        (cross-attention: `project_memory` of the encoder's states), the queries attend over
+        those keys and values instead, and `cache` is returned untouched. `bias` [B,H,T,S] is
+        added to the logits.
         """
         cfg = self.config
         dtype = dtype_of(cfg.dtype)
         x = x.astype(dtype)
         lora_rngs = lora.dropout_rngs(cfg, dropout_rng, 4)
-        project = lambda w: jnp.einsum("btd,dhk->bthk", x, w[...].astype(dtype))
-        q = lora.apply(self.query_lora, x, project(self.query), lora_rngs[0])
-        k = lora.apply(self.key_lora, x, project(self.key), lora_rngs[1])
-        v = lora.apply(self.value_lora, x, project(self.value), lora_rngs[2])
-        if cfg.attention_bias:
-            q = q + self.query_bias[...].astype(dtype)
-            k = k + self.key_bias[...].astype(dtype)
-            v = v + self.value_bias[...].astype(dtype)
-        if cfg.position == "rope":
-            inv_freq = pos.rope_inverse_frequencies(cfg)
-            q = pos.apply_rope(q, positions, inv_freq, pos.rope_position_scale(cfg))
-            k = pos.apply_rope(k, positions, inv_freq, pos.rope_position_scale(cfg))
+        q = self._project(x, "query", lora_rngs[0])
+        if memory is None:
+            k, v = self._project(x, "key", lora_rngs[1]), self._project(x, "value", lora_rngs[2])
+            if cfg.position == "rope":
+                inv_freq = pos.rope_inverse_frequencies(cfg)
+                q = pos.apply_rope(q, positions, inv_freq, pos.rope_position_scale(cfg))
+                k = pos.apply_rope(k, positions, inv_freq, pos.rope_position_scale(cfg))
+            k = constrain(k, ("batch", "length", "act_heads", None))
+            v = constrain(v, ("batch", "length", "act_heads", None))
         q = constrain(q, ("batch", "length", "act_heads", None))
-        k = constrain(k, ("batch", "length", "act_heads", None))
-        v = constrain(v, ("batch", "length", "act_heads", None))
 
-        if cache is not None:
+        if memory is not None:
+            k, v = memory.key, memory.value
+        elif cache is not None:
             write = lambda stored, new: jax.lax.dynamic_update_slice(
                 stored, new.swapaxes(1, 2).astype(stored.dtype), (0, 0, cache_index, 0))
             cache = KVCache(write(cache.key, k), write(cache.value, v))
@@ -188,10 +197,12 @@ class MultiHeadAttention(nnx.Module):
         y, weights = dot_product_attention(
             q, k, v, mask,
             impl=cfg.attention_impl,
-            heads_first=cache is not None,
+            heads_first=cache is not None or memory is not None,
             dropout_rate=cfg.attention_dropout_rate,
             dropout_rng=dropout_rng,
             return_weights=return_weights,
+            bias=bias,
+            scale=None if cfg.scaled_attention else 1.0,
         )
         y = constrain(y, ("batch", "length", "act_heads", None))
         out = jnp.einsum("bthk,hkd->btd", y, self.out[...].astype(dtype))
@@ -199,3 +210,20 @@ class MultiHeadAttention(nnx.Module):
         if cfg.attention_bias:
             out = out + self.out_bias[...].astype(dtype)
         return constrain(out, ("batch", "length", "act_embed")), cache, weights
+
+    def _project(self, x: jax.Array, name: str, lora_rng: jax.Array | None) -> jax.Array:
+        """x [B,T,embed] through the 'query', 'key' or 'value' projection (+ bias, + LoRA)."""
+        dtype = dtype_of(self.config.dtype)
+        y = jnp.einsum("btd,dhk->bthk", x, getattr(self, name)[...].astype(dtype))
+        y = lora.apply(getattr(self, f"{name}_lora"), x, y, lora_rng)
+        if self.config.attention_bias:
+            y = y + getattr(self, f"{name}_bias")[...].astype(dtype)
+        return y
+
+    def project_memory(self, memory: jax.Array) -> KVCache:
+        """Cross-attention keys and values of `memory` [B,S,embed] (an encoder's final states),
+        in the cache layout [B, kv_heads, S, head_dim]: computed once per input when decoding."""
+        memory = memory.astype(dtype_of(self.config.dtype))
+        heads_first = lambda a: constrain(a.swapaxes(1, 2), KVCache.AXES)
+        key, value = (self._project(memory, name, None) for name in ("key", "value"))
+        return KVCache(heads_first(key), heads_first(value))

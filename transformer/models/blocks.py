@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -48,15 +49,17 @@ class Block(nnx.Module):
         dropout_rng: jax.Array | None = None,
         return_weights: bool = False,
         token_mask: jax.Array | None = None,
+        bias: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None, jax.Array | None, dict | None]:
         """Returns the output, the updated cache, attention weights and (MoE) router statistics
-        over the tokens where `token_mask` [batch, length] is 1."""
+        over the tokens where `token_mask` [batch, length] is 1. `bias` is added to the
+        attention logits (T5's relative position bias)."""
         rate = self.config.dropout_rate
         attn_rng, residual1_rng, residual2_rng = split_rng(dropout_rng, 3)
         mlp_rng = residual2_rng  # Only LoRA's input dropout reads it, through keys folded from it.
         attend = lambda h: self.attention(
             h, mask=mask, positions=positions, cache=cache, cache_index=cache_index,
-            dropout_rng=attn_rng, return_weights=return_weights,
+            dropout_rng=attn_rng, return_weights=return_weights, bias=bias,
         )
         stats = []
 
@@ -85,9 +88,12 @@ class LayerStack(nnx.Module):
     the default) or unrolled in Python (lets XLA fuse across layers), so checkpoints work with both.
     With MoE on every k-th layer (`moe_every` = k > 1), the k - 1 dense blocks of each group of k
     are stacked in `blocks` and the MoE blocks in `moe_blocks`; the scan runs over the groups.
+    `block` makes one layer (default `Block`; the encoder-decoder's decoder stacks its
+    cross-attention blocks); keyword arguments the call does not name go to every layer.
     """
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs,
+                 block: Callable[..., nnx.Module] = Block):
         self.config = config
         self.group = config.moe_every if config.num_experts else 1
 
@@ -95,7 +101,7 @@ class LayerStack(nnx.Module):
             @nnx.split_rngs(splits=count)
             @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def create(rngs: nnx.Rngs) -> Block:
-                return Block(config, rngs=rngs, moe=moe)
+                return block(config, rngs=rngs, moe=moe)
 
             return create(rngs)
 
@@ -117,6 +123,7 @@ class LayerStack(nnx.Module):
         dropout_rng: jax.Array | None = None,
         return_weights: bool = False,
         token_mask: jax.Array | None = None,
+        **block_kwargs: Any,
     ) -> tuple[jax.Array, KVCache | None, jax.Array | None, dict | None]:
         """Returns the output, the stacked updated cache, stacked weights and stacked router
         statistics [layers, ...] (MoE layers only)."""
@@ -142,7 +149,7 @@ class LayerStack(nnx.Module):
                 x, layer_cache, layer_weights, layer_stats = nnx.merge(graphdef, params)(
                     x, mask=mask, positions=positions, cache=take(group_cache),
                     cache_index=cache_index, dropout_rng=take(rng), return_weights=return_weights,
-                    token_mask=token_mask,
+                    token_mask=token_mask, **block_kwargs,
                 )
                 caches.append(layer_cache)
                 weights.append(layer_weights)
@@ -214,6 +221,7 @@ class LayerList(nnx.Module):
         dropout_rng: jax.Array | None = None,
         return_weights: bool = False,
         token_mask: jax.Array | None = None,
+        **block_kwargs: Any,
     ) -> tuple[jax.Array, list[KVCache] | None, jax.Array | None, dict | None]:
         rngs = split_rng(dropout_rng, len(self.blocks))
         caches, weights, stats = [], [], []
@@ -221,7 +229,7 @@ class LayerList(nnx.Module):
             x, layer_cache, layer_weights, layer_stats = block(
                 x, mask=mask, positions=positions, cache=None if cache is None else cache[i],
                 cache_index=cache_index, dropout_rng=rngs[i], return_weights=return_weights,
-                token_mask=token_mask,
+                token_mask=token_mask, **block_kwargs,
             )
             caches.append(layer_cache)
             weights.append(layer_weights)

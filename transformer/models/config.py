@@ -8,10 +8,10 @@ from typing import Any
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 NORMS = ("layernorm", "rmsnorm")
-POSITIONS = ("learned", "sinusoidal", "rope", "none")
+POSITIONS = ("learned", "sinusoidal", "rope", "relative", "none")
 ATTENTION_IMPLS = ("einsum", "xla")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ARCHITECTURES = ("encoder", "decoder")
+ARCHITECTURES = ("encoder", "decoder", "encoder_decoder")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLS = ("dropless", "dense")
@@ -88,6 +88,17 @@ class ModelConfig:
     moe_impl: str = "dropless"  # 'dropless' (sorted grouped matmuls) or 'dense' (reference).
     router_aux_loss_weight: float = 0.0  # Weight of the load-balancing loss (Mixtral 0.02).
     router_z_loss_weight: float = 0.0  # Weight of the router z-loss (ST-MoE 0.001).
+    # Encoder-decoders (transformer/models/encoder_decoder.py: T5, BART).
+    num_decoder_layers: int | None = None  # Decoder blocks (None = num_layers).
+    relative_buckets: int = 32  # position='relative' (T5): buckets of the relative position bias.
+    relative_max_distance: int = 128  # Distances from here on share the last bucket.
+    position_offset: int = 0  # Learned positions are looked up at position + offset (BART: 2).
+    scaled_attention: bool = True  # Logits divided by sqrt(head_dim) (T5: no, its init absorbs it).
+    embedding_scale: bool = False  # Token embeddings times sqrt(hidden_size) (BART scale_embedding).
+    scale_decoder_output: bool = False  # T5 v1.0: final states times hidden_size**-0.5 before
+    # the (tied) output layer.
+    final_logits_bias: bool = False  # A bias on the output logits (BART's final_logits_bias).
+    decoder_start_token_id: int = 0  # Shifted in before the targets (T5: pad 0; BART: eos 2).
 
     def __post_init__(self):
         _check_choice("architecture", self.architecture, ARCHITECTURES)
@@ -120,6 +131,7 @@ class ModelConfig:
             raise ValueError(f"RoPE needs an even head_dim, got {self.dim_per_head}")
         self._check_lora()
         self._check_moe()
+        self._check_encoder_decoder()
         for name in ("dropout_rate", "attention_dropout_rate", "lora_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -168,6 +180,27 @@ class ModelConfig:
         if not self.causal:
             raise ValueError("mixture-of-experts blocks are built for decoders; set "
                              "architecture='decoder' or num_experts=0")
+
+    def _check_encoder_decoder(self) -> None:
+        if self.position == "relative" and self.architecture != "encoder_decoder":
+            raise ValueError("position='relative' (T5's relative bias) is built for "
+                             "architecture='encoder_decoder'; use 'learned' or 'rope' here")
+        if self.architecture != "encoder_decoder":
+            return
+        if self.position not in ("relative", "learned"):
+            raise ValueError(f"encoder-decoders use position='relative' (T5) or 'learned' (BART), "
+                             f"got {self.position!r}")
+        if self.decoder_layers <= 0:
+            raise ValueError(f"ModelConfig.num_decoder_layers must be positive, got "
+                             f"{self.num_decoder_layers}")
+        if self.lora_rank or self.num_experts or self.type_vocab_size:
+            raise ValueError("encoder-decoders do not support LoRA, experts or token types yet; "
+                             "set lora_rank=0, num_experts=0 and type_vocab_size=0")
+
+    @property
+    def decoder_layers(self) -> int:
+        """Blocks of an encoder-decoder's decoder stack."""
+        return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
 
     @property
     def expert_dim(self) -> int:
@@ -268,6 +301,22 @@ _MIXTRAL = dict(_LLAMA, num_experts=8, num_experts_per_token=2, moe_renormalize=
 _QWEN2_MOE = dict(_LLAMA, attention_bias=True, norm_eps=1e-6, rope_base=1e6, num_experts=60,
                   num_experts_per_token=4, moe_renormalize=False, router_aux_loss_weight=0.001)
 
+# T5 v1.0: ReLU, tied embeddings, decoder output scaled; v1.1 / flan-T5: gated GELU, untied head.
+_T5 = dict(
+    architecture="encoder_decoder", vocab_size=32128, max_length=512, activation="relu",
+    norm="rmsnorm", norm_eps=1e-6, pre_norm=True, final_norm=True, position="relative",
+    attention_bias=False, mlp_bias=False, tie_embeddings=True, scale_decoder_output=True,
+    scaled_attention=False, dropout_rate=0.1, decoder_start_token_id=0,
+)
+_T5_V1_1 = dict(_T5, activation="gelu_tanh", gated_mlp=True, tie_embeddings=False,
+                scale_decoder_output=False)
+_BART = dict(
+    architecture="encoder_decoder", vocab_size=50265, max_length=1024, activation="gelu",
+    norm="layernorm", norm_eps=1e-5, pre_norm=False, final_norm=False, embedding_norm=True,
+    position="learned", position_offset=2, tie_embeddings=True, final_logits_bias=True,
+    dropout_rate=0.1, attention_dropout_rate=0.1, decoder_start_token_id=2,
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     "bert-tiny": {**_BERT, "hidden_size": 128, "num_layers": 2, "num_heads": 2, "mlp_dim": 512},
     "bert-base": {**_BERT, "hidden_size": 768, "num_layers": 12, "num_heads": 12, "mlp_dim": 3072},
@@ -307,6 +356,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         **_QWEN2_MOE, "vocab_size": 151936, "hidden_size": 2048, "num_layers": 24, "num_heads": 16,
         "mlp_dim": 5632, "moe_mlp_dim": 1408, "moe_shared_expert_dim": 5632, "max_length": 8192,
     },
+    "t5-tiny": {**_T5, "vocab_size": 128, "hidden_size": 32, "num_layers": 2, "num_heads": 4,
+                "head_dim": 8, "mlp_dim": 64, "relative_buckets": 8, "relative_max_distance": 20},
+    "t5-v1_1-tiny": {**_T5_V1_1, "vocab_size": 128, "hidden_size": 32, "num_layers": 2,
+                     "num_heads": 4, "head_dim": 8, "mlp_dim": 48, "relative_buckets": 8,
+                     "relative_max_distance": 20},
+    "t5-small": {**_T5, "hidden_size": 512, "num_layers": 6, "num_heads": 8, "head_dim": 64,
+                 "mlp_dim": 2048},
+    "t5-base": {**_T5, "hidden_size": 768, "num_layers": 12, "num_heads": 12, "head_dim": 64,
+                "mlp_dim": 3072},
+    "flan-t5-small": {**_T5_V1_1, "hidden_size": 512, "num_layers": 8, "num_heads": 6,
+                      "head_dim": 64, "mlp_dim": 1024},
+    "flan-t5-base": {**_T5_V1_1, "hidden_size": 768, "num_layers": 12, "num_heads": 12,
+                     "head_dim": 64, "mlp_dim": 2048},
+    "bart-tiny": {**_BART, "vocab_size": 128, "hidden_size": 32, "num_layers": 2, "num_heads": 4,
+                  "mlp_dim": 64, "max_length": 64},
+    "bart-base": {**_BART, "hidden_size": 768, "num_layers": 6, "num_heads": 12, "mlp_dim": 3072},
     # Llama-2-7B.
     "llama-7b": {
         **_LLAMA, "hidden_size": 4096, "num_layers": 32, "num_heads": 32, "mlp_dim": 11008,

@@ -95,11 +95,14 @@ def _lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
 class Embeddings(nnx.Module):
     """Token embeddings plus absolute positions (learned or sinusoidal) and token types."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, learned_positions: bool = True):
+        """`learned_positions=False`: the tokens only, even where the config learns positions
+        (an encoder-decoder shares its token table but keeps one position table per stack)."""
         self.config = config
+        self.learned = config.position == "learned" and learned_positions
         d, std, pd = config.hidden_size, config.initializer_range, config.param_dtype
         self.tokens = param(rngs, (config.vocab_size, d), ("vocab", "embed"), std=std, dtype=pd)
-        if config.position == "learned":
+        if self.learned:
             self.positions = param(rngs, (config.max_length, d), (None, "embed"), std=std, dtype=pd)
         if config.type_vocab_size:
             shape = (config.type_vocab_size, d)
@@ -120,7 +123,7 @@ class Embeddings(nnx.Module):
             x = _lookup(self.tokens[...].astype(dtype), input_ids)
         else:
             x = inputs_embeds.astype(dtype)
-        if cfg.position == "learned":
+        if self.learned:
             x = x + _lookup(self.positions[...].astype(dtype), positions)
         elif cfg.position == "sinusoidal":
             x = x + pos.sinusoidal(positions, cfg.hidden_size).astype(dtype)

@@ -61,3 +61,29 @@ def apply_rope(
     first, second = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
     return rotated.astype(x.dtype)
+
+
+def relative_position_bucket(
+    relative: jax.Array, *, bidirectional: bool, num_buckets: int, max_distance: int
+) -> jax.Array:
+    """T5's bucket of each relative position (key position - query position), int32.
+
+    Half the buckets (all of them when causal, where later keys are masked anyway) hold exact
+    distances 0..n/2-1; the rest grow logarithmically up to `max_distance`, beyond which all
+    share the last. Bidirectional: keys after the query take the upper half of the buckets.
+    The logarithm runs in float32, as in the reference implementations.
+    """
+    relative = relative.astype(jnp.int32)
+    buckets = jnp.zeros_like(relative)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative > 0).astype(jnp.int32) * num_buckets
+        distance = jnp.abs(relative)
+    else:
+        distance = -jnp.minimum(relative, 0)
+    max_exact = num_buckets // 2
+    log_ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact)
+    large = max_exact + (log_ratio / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).astype(jnp.int32)
+    large = jnp.minimum(large, num_buckets - 1)
+    return buckets + jnp.where(distance < max_exact, distance, large)

@@ -1,0 +1,104 @@
+"""T5 (v1.0, v1.1, an untied flan-T5-style head) and BART against transformers (PyTorch):
+teacher-forced encoder states and logits on padded batches, packing, export."""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from tests.hf.tiny_models import make_tiny, random_ids
+from transformer.hf import export_hf, load_hf_model
+
+FAMILIES = ("t5", "t5_v1_1", "t5_untied", "bart")
+SOURCE_LENGTHS, TARGET_LENGTHS = [23, 9, 16], [11, 4, 7]  # Right padding; past T5's max_exact.
+
+
+def _untie(model: torch.nn.Module) -> None:
+    """A flan-T5-like checkpoint: the output layer is its own matrix."""
+    with torch.no_grad():
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.shared.weight) * 0.3)
+    model.config.tie_word_embeddings = False
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """name → (HF folder, torch model, our imported model)."""
+    root = tmp_path_factory.mktemp("seq2seq")
+    made = {}
+    for name in FAMILIES:
+        folder, hf = make_tiny("t5_v1_1" if name == "t5_untied" else name, root)
+        if name == "t5_untied":
+            _untie(hf)
+            folder = root / name
+            hf.save_pretrained(folder)
+        made[name] = (folder, hf, load_hf_model(folder))
+    return made
+
+
+def _batch(seed: int = 0):
+    b = len(SOURCE_LENGTHS)
+    source = random_ids(b, max(SOURCE_LENGTHS), seed, low=3)
+    target = random_ids(b, max(TARGET_LENGTHS), seed + 1, low=3)
+    source_mask = (np.arange(source.shape[1]) < np.array(SOURCE_LENGTHS)[:, None]).astype(np.int32)
+    target_mask = (np.arange(target.shape[1]) < np.array(TARGET_LENGTHS)[:, None]).astype(np.int32)
+    return source * source_mask, source_mask, target * target_mask, target_mask
+
+
+def _hf_forward(hf, source, source_mask, target, target_mask):
+    t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long)
+    with torch.no_grad():
+        out = hf(input_ids=t(source), attention_mask=t(source_mask), decoder_input_ids=t(target),
+                 decoder_attention_mask=t(target_mask))
+    return out.encoder_last_hidden_state.numpy(), out.logits.numpy()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_teacher_forcing_matches_transformers(models, name):
+    _, hf, ours = models[name]
+    source, source_mask, target, target_mask = _batch()
+    want_encoded, want_logits = _hf_forward(hf, source, source_mask, target, target_mask)
+    out = ours(source, target, attention_mask=source_mask, decoder_attention_mask=target_mask)
+    encoded = ours.encode(source, attention_mask=source_mask)
+    assert np.abs(np.asarray(encoded) - want_encoded).max() <= 1e-4
+    assert out.logits.shape == want_logits.shape and out.logits.dtype == np.float32
+    assert np.abs(np.asarray(out.logits) - want_logits).max() <= 1e-4
+    # Not vacuous: the logits spread well beyond the tolerance.
+    assert np.ptp(want_logits) > 0.1
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_packed_row_equals_each_example_alone(models, name):
+    _, _, ours = models[name]
+    a_src, b_src = random_ids(1, 13, 5)[0], random_ids(1, 9, 6)[0]
+    a_tgt, b_tgt = random_ids(1, 6, 7)[0], random_ids(1, 8, 8)[0]
+    pad_src, pad_tgt = 3, 2  # Padding after both examples.
+    src = np.concatenate([a_src, b_src, np.zeros(pad_src, np.int32)])[None]
+    tgt = np.concatenate([a_tgt, b_tgt, np.zeros(pad_tgt, np.int32)])[None]
+    seg = lambda a, b, pad: np.concatenate([np.full(len(a), 1), np.full(len(b), 2),
+                                            np.zeros(pad)]).astype(np.int32)[None]
+    pos = lambda a, b, pad: np.concatenate([np.arange(len(a)), np.arange(len(b)),
+                                            np.zeros(pad)]).astype(np.int32)[None]
+    packed = ours(src, tgt, segment_ids=seg(a_src, b_src, pad_src),
+                  positions=pos(a_src, b_src, pad_src),
+                  decoder_segment_ids=seg(a_tgt, b_tgt, pad_tgt),
+                  decoder_positions=pos(a_tgt, b_tgt, pad_tgt)).logits[0]
+    alone_a = ours(a_src[None], a_tgt[None]).logits[0]
+    alone_b = ours(b_src[None], b_tgt[None]).logits[0]
+    assert np.abs(np.asarray(packed[:len(a_tgt)] - alone_a)).max() <= 1e-5
+    assert np.abs(np.asarray(packed[len(a_tgt):len(a_tgt) + len(b_tgt)] - alone_b)).max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["t5", "t5_untied", "bart"])
+def test_export_loads_in_transformers_with_the_same_logits(models, name, tmp_path):
+    _, hf, ours = models[name]
+    folder = export_hf(ours, tmp_path / name)
+    cls = (transformers.BartForConditionalGeneration if name == "bart"
+           else transformers.T5ForConditionalGeneration)
+    reloaded = cls.from_pretrained(folder).eval()
+    batch = _batch(seed=3)
+    want = _hf_forward(hf, *batch)[1]
+    got = _hf_forward(reloaded, *batch)[1]
+    assert np.abs(got - want).max() <= 1e-5
+    # The exported folder imports back to the same model.
+    again = load_hf_model(folder)
+    assert again.config == ours.config
