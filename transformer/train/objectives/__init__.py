@@ -9,13 +9,15 @@ objective module, so all are registered.
   relation              relation classification from the two entity-start markers
   distill_*             knowledge distillation from a frozen teacher (distill.py)
   sft                   supervised fine-tuning on chat conversations (sft.py)
+  seq2seq               encoder-decoder teacher forcing on (source, target) pairs (seq2seq.py)
+  span_corruption       T5 span-corruption pretraining of an encoder-decoder (seq2seq.py)
 
 No objective imports the training loop: what they share with it (`to_global`,
 `any_process_has`) lives in transformer/train/distributed.py, and the loop hands the step its
 objective (transformer/train/step.py).
 """
 
-from transformer.train.objectives import distill, lm, sft, tasks  # noqa: F401  (registration)
+from transformer.train.objectives import distill, lm, seq2seq, sft, tasks  # noqa: F401  (registration)
 from transformer.train.objectives.registry import (  # noqa: F401
     BEST_METRIC,
     OBJECTIVES,
