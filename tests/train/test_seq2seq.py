@@ -2,6 +2,8 @@
 greedy decoding equals an uncached argmax loop over the full model; the :ci recipes end to end."""
 
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,12 +12,22 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.train.test_main import assert_ok, main
+from tests.train.test_main import REPO, assert_ok, env
 from transformer.data import seq2seq
 from transformer.models import MODELS, get_preset
 from transformer.train import objectives, seq2seq_eval
 
 START, EOS = 0, 1
+
+
+def main(args):
+    """`transformer.main` in a fresh process on one CPU device: these tests are about the recipes
+    end to end (sharded steps equal one device in tests/train/test_steps.py), and compiling for
+    one device takes a third of the time of eight."""
+    e = env()
+    e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    return subprocess.run([sys.executable, "-m", "transformer.main", *map(str, args)], cwd=REPO,
+                          env=e, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
