@@ -14,6 +14,12 @@ prints the best --num_return_sequences of them, each with its score (transformer
   python -m transformer.generate --checkpoint=path/to/model --prompt="Once upon a time" \
       --num_beams=4 --length_penalty=1.0 --early_stopping=true --num_return_sequences=2
 
+An encoder-decoder (T5, BART, our own) maps --input to a new text instead of continuing a prompt;
+greedy, sampling and beam search work as above:
+
+  python -m transformer.generate --checkpoint=path/to/t5 --input="translate English to German: Hi" \
+      --num_beams=4 --num_return_sequences=2
+
 An instruct model answers best in the layout it was trained on: --chat sends --prompt as one user
 message (after a --system message, if given) through the folder's chat template, prints only the
 reply, and stops at the template's end-of-turn tokens:
@@ -30,9 +36,10 @@ from typing import Any, TextIO
 
 import jax
 
-from transformer.inference.beam import BeamConfig, beam_generate
+from transformer.inference.beam import BeamConfig, BeamGeneration, beam_generate
 from transformer.inference.decode import stream
 from transformer.inference.sampling import SamplingConfig
+from transformer.inference.seq2seq import seq2seq_beam_generate, seq2seq_generate
 
 EARLY_STOPPING = {"true": True, "false": False, "never": "never"}
 
@@ -116,11 +123,35 @@ def beam_config(tokenizer: Any, *, num_beams: int, max_new_tokens: int, min_new_
                       num_return_sequences=num_return_sequences, stop_tokens=stops, pad_id=pad)
 
 
+def input_ids(tokenizer: Any, text: str) -> list[int]:
+    """Ids of an encoder-decoder's input: the tokenizer's, ending in its EOS (as T5 and BART
+    read their inputs in training), added where the tokenizer does not add it."""
+    ids = list(tokenizer(text, padding=False)["input_ids"])
+    if tokenizer.eos_id is not None and (not ids or ids[-1] != tokenizer.eos_id):
+        ids.append(tokenizer.eos_id)
+    return ids
+
+
+def seq2seq_text(tokenizer: Any, model: Any, ids: Sequence[int], config: SamplingConfig, *,
+                 seed: int = 0, out: TextIO = sys.stdout) -> str:
+    """An encoder-decoder's output for one input (ids), greedy or sampled; written and returned."""
+    found = seq2seq_generate(model, [list(ids)], config, rng=jax.random.key(seed))
+    tokens = found.sequences()[0]
+    if tokens and tokens[-1] in config.stop_tokens:
+        tokens = tokens[:-1]
+    text = tokenizer.decode(tokens)
+    out.write(text + "\n")
+    return text
+
+
 def beam_texts(tokenizer: Any, model: Any, prompt: Sequence[int], config: BeamConfig, *,
                out: TextIO = sys.stdout) -> list[tuple[str, float]]:
-    """The best continuations of `prompt` (ids) by beam search, with their scores; one is written
-    as it reads on from the prompt, several each on a numbered line with its score."""
-    found = beam_generate(model, [list(prompt)], config)
+    """The best continuations of `prompt` (ids) by beam search, with their scores (for an
+    encoder-decoder: its best outputs for the input `prompt`); one is written as it reads on from
+    the prompt, several each on a numbered line with its score."""
+    search = (seq2seq_beam_generate if model.config.architecture == "encoder_decoder"
+              else beam_generate)
+    found: BeamGeneration = search(model, [list(prompt)], config)
     texts = []
     for ids, score in zip(found.sequences()[0], found.scores[0]):
         if ids and ids[-1] in config.stop_tokens:
@@ -148,10 +179,15 @@ def main(argv: Sequence[str]) -> None:
     if tokenizer is None:
         raise FileNotFoundError(f"{FLAGS.checkpoint} has no tokenizer files; generation needs "
                                 "them (export the model with its tokenizer)")
-    try:
-        ids = prompt_ids(tokenizer, FLAGS.prompt, chat=FLAGS.chat, system=FLAGS.system)
-    except ValueError as error:  # no chat template, or one that refuses the messages
-        raise ValueError(f"{FLAGS.checkpoint}: {error}") from None
+    seq2seq = model.config.architecture == "encoder_decoder"
+    _check_text_flags(FLAGS.checkpoint, seq2seq, FLAGS.prompt, FLAGS.input, FLAGS.chat)
+    if seq2seq:
+        ids = input_ids(tokenizer, FLAGS.input)
+    else:
+        try:
+            ids = prompt_ids(tokenizer, FLAGS.prompt, chat=FLAGS.chat, system=FLAGS.system)
+        except ValueError as error:  # no chat template, or one that refuses the messages
+            raise ValueError(f"{FLAGS.checkpoint}: {error}") from None
     stop = None if FLAGS.stop_ids is None else [int(i) for i in FLAGS.stop_ids]
     if FLAGS.num_beams != 1:
         if FLAGS.temperature or FLAGS.top_k or FLAGS.top_p != 1.0:
@@ -162,16 +198,30 @@ def main(argv: Sequence[str]) -> None:
             min_new_tokens=FLAGS.min_new_tokens, length_penalty=FLAGS.length_penalty,
             early_stopping=FLAGS.early_stopping,
             num_return_sequences=FLAGS.num_return_sequences, stop_ids=stop, chat=FLAGS.chat)
-        if not FLAGS.chat:
+        if not FLAGS.chat and not seq2seq:
             sys.stdout.write(FLAGS.prompt)
         beam_texts(tokenizer, model, ids, config)
         return
     config = sampling_config(tokenizer, max_new_tokens=FLAGS.max_new_tokens,
                              temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
                              stop_ids=stop, chat=FLAGS.chat)
+    if seq2seq:
+        seq2seq_text(tokenizer, model, ids, config, seed=FLAGS.seed)
+        return
     if not FLAGS.chat:  # a continuation reads on from the prompt; a chat reply stands alone
         sys.stdout.write(FLAGS.prompt)
     stream_text(tokenizer, model, ids, config, seed=FLAGS.seed)
+
+
+def _check_text_flags(checkpoint: str, seq2seq: bool, prompt: str | None, text: str | None,
+                      chat: bool) -> None:
+    """An encoder-decoder takes --input, a decoder --prompt; the other one is an error."""
+    if seq2seq and (text is None or prompt is not None or chat):
+        raise ValueError(f"{checkpoint} is an encoder-decoder: give the text to transform as "
+                         "--input=... (not --prompt or --chat)")
+    if not seq2seq and (prompt is None or text is not None):
+        raise ValueError(f"{checkpoint} is a decoder: give the text to continue as --prompt=... "
+                         "(--input is for encoder-decoders)")
 
 
 if __name__ == "__main__":
@@ -183,6 +233,8 @@ if __name__ == "__main__":
     flags.DEFINE_enum("quantize", None, ["int8", "int4"],
                       "weight-only quantization of the loaded model (transformer.quantize)")
     flags.DEFINE_string("prompt", None, "the text to continue (with --chat: the user's message)")
+    flags.DEFINE_string("input", None, "encoder-decoders: the text to transform (translate, "
+                        "summarize, ...)")
     flags.DEFINE_bool("chat", False, "format --prompt with the folder's chat template as a user "
                       "message and stop at the template's end-of-turn tokens")
     flags.DEFINE_string("system", None, "with --chat: a system message before the user's")
@@ -202,5 +254,5 @@ if __name__ == "__main__":
     flags.DEFINE_integer("seed", 0, "random seed of the sampling")
     flags.DEFINE_list("stop_ids", None, "token ids that end generation (default: the tokenizer's "
                       "EOS; with --chat the template's end-of-turn ids)")
-    flags.mark_flags_as_required(["checkpoint", "prompt"])
+    flags.mark_flags_as_required(["checkpoint"])
     cli.run(main)

@@ -1,23 +1,20 @@
 """T5 (v1.0, v1.1, an untied flan-T5-style head) and BART against transformers (PyTorch):
 teacher-forced encoder states and logits on padded batches, packing, export."""
 
+import functools
+
+import jax
 import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
-from tests.hf.tiny_models import make_tiny, random_ids
+from tests.hf.tiny_models import make_tiny, random_ids, untie_t5_head
 from transformer.hf import export_hf, load_hf_model
 
 FAMILIES = ("t5", "t5_v1_1", "t5_untied", "bart")
 SOURCE_LENGTHS, TARGET_LENGTHS = [23, 9, 16], [11, 4, 7]  # Right padding; past T5's max_exact.
-
-
-def _untie(model: torch.nn.Module) -> None:
-    """A flan-T5-like checkpoint: the output layer is its own matrix."""
-    with torch.no_grad():
-        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.shared.weight) * 0.3)
-    model.config.tie_word_embeddings = False
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +25,23 @@ def models(tmp_path_factory):
     for name in FAMILIES:
         folder, hf = make_tiny("t5_v1_1" if name == "t5_untied" else name, root)
         if name == "t5_untied":
-            _untie(hf)
-            folder = root / name
-            hf.save_pretrained(folder)
+            folder = untie_t5_head(hf, root / name)
         made[name] = (folder, hf, load_hf_model(folder))
     return made
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _jitted(graphdef, methods, state, calls):
+    model = nnx.merge(graphdef, state)
+    return [getattr(model, m)(*args, **kwargs) for m, (args, kwargs) in zip(methods, calls)]
+
+
+def run(model, *calls):
+    """Each (method, args, kwargs) of `calls` on the model, compiled together as one function
+    (eager NNX calls, or one compilation each, cost seconds here)."""
+    graphdef, state = nnx.split(model)
+    methods = tuple(c[0] for c in calls)
+    return _jitted(graphdef, methods, state, [(c[1], c[2]) for c in calls])
 
 
 def _batch(seed: int = 0):
@@ -57,8 +66,10 @@ def test_teacher_forcing_matches_transformers(models, name):
     _, hf, ours = models[name]
     source, source_mask, target, target_mask = _batch()
     want_encoded, want_logits = _hf_forward(hf, source, source_mask, target, target_mask)
-    out = ours(source, target, attention_mask=source_mask, decoder_attention_mask=target_mask)
-    encoded = ours.encode(source, attention_mask=source_mask)
+    out, encoded = run(
+        ours, ("__call__", (source, target), dict(attention_mask=source_mask,
+                                                  decoder_attention_mask=target_mask)),
+        ("encode", (source,), dict(attention_mask=source_mask)))
     assert np.abs(np.asarray(encoded) - want_encoded).max() <= 1e-4
     assert out.logits.shape == want_logits.shape and out.logits.dtype == np.float32
     assert np.abs(np.asarray(out.logits) - want_logits).max() <= 1e-4
@@ -78,12 +89,13 @@ def test_packed_row_equals_each_example_alone(models, name):
                                             np.zeros(pad)]).astype(np.int32)[None]
     pos = lambda a, b, pad: np.concatenate([np.arange(len(a)), np.arange(len(b)),
                                             np.zeros(pad)]).astype(np.int32)[None]
-    packed = ours(src, tgt, segment_ids=seg(a_src, b_src, pad_src),
-                  positions=pos(a_src, b_src, pad_src),
-                  decoder_segment_ids=seg(a_tgt, b_tgt, pad_tgt),
-                  decoder_positions=pos(a_tgt, b_tgt, pad_tgt)).logits[0]
-    alone_a = ours(a_src[None], a_tgt[None]).logits[0]
-    alone_b = ours(b_src[None], b_tgt[None]).logits[0]
+    packed_kwargs = dict(segment_ids=seg(a_src, b_src, pad_src),
+                         positions=pos(a_src, b_src, pad_src),
+                         decoder_segment_ids=seg(a_tgt, b_tgt, pad_tgt),
+                         decoder_positions=pos(a_tgt, b_tgt, pad_tgt))
+    packed, alone_a, alone_b = (out.logits[0] for out in run(
+        ours, ("__call__", (src, tgt), packed_kwargs), ("__call__", (a_src[None], a_tgt[None]), {}),
+        ("__call__", (b_src[None], b_tgt[None]), {})))
     assert np.abs(np.asarray(packed[:len(a_tgt)] - alone_a)).max() <= 1e-5
     assert np.abs(np.asarray(packed[len(a_tgt):len(a_tgt) + len(b_tgt)] - alone_b)).max() <= 1e-5
 

@@ -69,6 +69,12 @@ TINY = {
                   bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
                   forced_eos_token_id=None)),
 }
+# For generation: larger weights than the default init, whose random T5 and BART repeat one token
+# whatever the input, which would leave generation tests little to compare.
+# T5: flan-T5's layout (gated GELU, an untied head: see `untie_t5_head`).
+TINY["t5_sharp"] = (*TINY["t5"][:2], {**_T5, "initializer_factor": 2.0,
+                                      "feed_forward_proj": "gated-gelu"})
+TINY["bart_sharp"] = (*TINY["bart"][:2], {**TINY["bart"][2], "init_std": 0.3})
 
 
 def make_tiny(name: str, directory: pathlib.Path, seed: int = 0) -> tuple[pathlib.Path, torch.nn.Module]:
@@ -85,6 +91,16 @@ def make_tiny(name: str, directory: pathlib.Path, seed: int = 0) -> tuple[pathli
     path = directory / name
     model.save_pretrained(path, safe_serialization=True)
     return path, model
+
+
+def untie_t5_head(model: torch.nn.Module, folder: pathlib.Path) -> pathlib.Path:
+    """A flan-T5-like checkpoint from a T5 model (transformers 5 ties T5's head whatever the
+    config says): the output layer becomes its own random matrix; saved to `folder`."""
+    with torch.no_grad():
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.shared.weight) * 0.3)
+    model.config.tie_word_embeddings = False
+    model.save_pretrained(folder)
+    return folder
 
 
 def add_gpt2_tokenizer(folder: pathlib.Path, tokenizer_files: pathlib.Path) -> None:

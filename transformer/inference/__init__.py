@@ -17,10 +17,12 @@ from transformer.inference.scoring import (
     score_texts,
     token_logprobs,
 )
+from transformer.inference.seq2seq import seq2seq_beam_generate, seq2seq_generate
 
 __all__ = [
     "BeamConfig", "BeamGeneration", "Generation", "Pooling", "SamplingConfig", "TextScore",
     "beam_generate", "generate", "left_pad", "mean_pool", "next_token_logprobs", "perplexity",
-    "pool", "read_pooling", "sample", "score_texts", "sentence_embeddings", "stream",
+    "pool", "read_pooling", "sample", "score_texts", "sentence_embeddings", "seq2seq_beam_generate",
+    "seq2seq_generate", "stream",
     "token_logprobs", "top_k_mask", "top_p_mask",
 ]

@@ -287,19 +287,38 @@ def decoder_step(model: Decoder, ids: jax.Array, mask: jax.Array,
 
     def reorder(carry, parents):
         kv, slots = carry
-        # Every beam of an input holds the same prompt keys and values: only the new slots move.
-        new = lambda x: jax.lax.dynamic_update_slice_in_dim(
-            x, gather_beams(x[:, :, prompt_len:], parents), prompt_len, axis=2)
-        return jax.tree.map(new, kv), slots
+        return reorder_new_slots(kv, parents, prompt_len), slots
 
     return logits, (cache, slots), step_fn, reorder
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
+def reorder_new_slots(kv: Any, parents: jax.Array, first_new: int) -> Any:
+    """Caches [rows, kv_heads, slots, head_dim] with slots `first_new`.. gathered from each beam's
+    parent. Every beam of an input holds the same prompt keys and values: only the new slots move."""
+    new = lambda x: jax.lax.dynamic_update_slice_in_dim(
+        x, gather_beams(x[:, :, first_new:], parents), first_new, axis=2)
+    return jax.tree.map(new, kv)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 6))
 def _beam_generate(graphdef: Any, params: Any, ids: jax.Array, mask: jax.Array, layout: BeamConfig,
-                   scoring: BeamScoring) -> tuple[jax.Array, jax.Array, jax.Array]:
-    logits, cache, step_fn, reorder = decoder_step(nnx.merge(graphdef, params), ids, mask, layout)
+                   scoring: BeamScoring, prepare: Callable) -> tuple[jax.Array, jax.Array, jax.Array]:
+    logits, cache, step_fn, reorder = prepare(nnx.merge(graphdef, params), ids, mask, layout)
     return beam_search(logits, cache, step_fn, reorder, layout, scoring)
+
+
+def run_beam_search(model: Any, ids: np.ndarray, mask: np.ndarray, config: BeamConfig,
+                    mesh: Mesh | None, rules: Rules | None,
+                    prepare: Callable = decoder_step) -> BeamGeneration:
+    """Beam search over a batch of padded inputs, as one jitted loop; `prepare(model, ids, mask,
+    layout)` gives the first logits, the cache and the step and reorder functions
+    (`decoder_step`, or `seq2seq.encoder_decoder_step`)."""
+    check_beams(model, config)
+    graphdef, params = nnx.split(decoding_model(model))
+    layout, scoring = config.layout(), config.scoring()
+    run = lambda ids, mask: _beam_generate(graphdef, params, ids, mask, layout, scoring, prepare)
+    tokens, lengths, scores = run_on_mesh(run, [ids, mask], mesh, rules)
+    return BeamGeneration(np.asarray(tokens), np.asarray(lengths), np.asarray(scores))
 
 
 def check_beams(model: Decoder, config: BeamConfig) -> None:
@@ -330,9 +349,4 @@ def beam_generate(
     config = config or BeamConfig()
     ids, mask = left_pad(prompts, config.pad_id)
     check_fits(model, ids.shape[1], config)
-    check_beams(model, config)
-    graphdef, params = nnx.split(decoding_model(model))
-    layout, scoring = config.layout(), config.scoring()
-    run = lambda ids, mask: _beam_generate(graphdef, params, ids, mask, layout, scoring)
-    tokens, lengths, scores = run_on_mesh(run, [ids, mask], mesh, rules)
-    return BeamGeneration(np.asarray(tokens), np.asarray(lengths), np.asarray(scores))
+    return run_beam_search(model, ids, mask, config, mesh, rules)

@@ -124,7 +124,15 @@ def _generate(graphdef: Any, params: Any, ids: jax.Array, mask: jax.Array, rng: 
               config: SamplingConfig) -> tuple[jax.Array, jax.Array]:
     model = nnx.merge(graphdef, params)
     state, lengths = prefill(model, ids, mask, rng, config)
-    step = lambda s: decode_step(model, s, lengths, ids.shape[1], config)
+    return sample_loop(model, state, lengths, ids.shape[1], config)
+
+
+def sample_loop(model: Any, state: DecodeState, lengths: jax.Array, prompt_len: int,
+                config: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+    """Decodes until every sequence stopped or `max_new_tokens`; returns the tokens [batch,
+    max_new_tokens] and each sequence's length (its stop token included). `model` is called as a
+    `Decoder` with a cache (an encoder-decoder through `seq2seq.TargetDecoder`)."""
+    step = lambda s: decode_step(model, s, lengths, prompt_len, config)
     keep_going = lambda s: (s.step < config.max_new_tokens) & ~jnp.all(s.done)
     state = jax.lax.while_loop(keep_going, step, state)
     stopped = jnp.isin(state.tokens, jnp.asarray(config.stop_tokens, jnp.int32))
@@ -141,22 +149,26 @@ def decoding_model(model: Decoder) -> Decoder:
     Made once per model and kept while its stacked layer parameters are the same arrays (an
     update of the model's weights replaces them, which makes a fresh one).
     """
-    if not isinstance(model.layers, LayerStack):
+    owner = getattr(model, "decoder", model)  # An encoder-decoder decodes with its decoder.
+    if not isinstance(owner.layers, LayerStack):
         return model
-    stacked = jax.tree.leaves(nnx.state(model.layers))
+    stacked = jax.tree.leaves(nnx.state(owner.layers))
     kept = _DECODING_MODELS.get(model)
     if kept is not None and len(kept[0]) == len(stacked) and all(
             a is b for a, b in zip(kept[0], stacked)):
         return kept[1]
     graphdef, state = nnx.split(model)
     unstacked = nnx.merge(graphdef, state)  # A second module over the same arrays.
-    unstacked.layers = LayerList(model.layers)
+    getattr(unstacked, "decoder", unstacked).layers = LayerList(owner.layers)
     _DECODING_MODELS[model] = (stacked, unstacked)
     return unstacked
 
 
 def check_fits(model: Decoder, prompt_len: int, config: Any) -> None:
     """Raises unless the model is a decoder whose positions reach prompt + `config.max_new_tokens`."""
+    if model.config.architecture == "encoder_decoder":
+        raise ValueError("this is an encoder-decoder: generate from inputs with "
+                         "transformer.inference.seq2seq_generate / seq2seq_beam_generate")
     if not model.config.causal:
         raise ValueError("generation needs a decoder (causal) model; this one is an encoder")
     too_long = prompt_len + config.max_new_tokens > model.config.max_length
