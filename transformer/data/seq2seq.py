@@ -57,7 +57,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.max_target_length = 64  # Decoder row length (data.max_length is the encoder's).
     c.metrics = "bleu,chrf"  # Evaluation: generation metrics (bleu, chrf, rouge).
     c.max_decode_length = 0  # Evaluation: tokens generated per example (0 = max_target_length).
-    c.num_beams = 1  # Evaluation: 1 = greedy; more = beam search (when the model supports it).
+    c.num_beams = 1  # Evaluation: 1 = greedy; more = beam search (transformer/inference/beam.py).
+    c.length_penalty = 1.0  # Beam search: finished score = log-probability / length ** this.
     c.eval_examples = 0  # Evaluation: first N examples of the split (0 = all).
     return c
 

@@ -2,8 +2,9 @@
 
 The split's sources (transformer/data/seq2seq.py) are cut into fixed-shape batches (the last
 padded with empty rows), the model generates for each (the encoder runs once, then the cached
-decoder loop), and the detokenized outputs are scored against all their references with
-`seq2seq.metrics` (BLEU and chrF by sacreBLEU, ROUGE by rouge-score). Every process builds the
+decoder loop: greedy, or with `seq2seq.num_beams` > 1 beam search, transformer/inference/beam.py),
+and the detokenized outputs are scored against all their references with `seq2seq.metrics`
+(BLEU and chrF by sacreBLEU, ROUGE by rouge-score). Every process builds the
 layout of every process's examples, so all map the global outputs back to examples and compute
 the same metrics; process 0 writes `predictions.jsonl`.
 """
@@ -25,6 +26,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from transformer import paths
 from transformer.data import pipeline, seq2seq
+from transformer.inference import seq2seq as seq2seq_generate
+from transformer.inference.beam import BeamConfig
 from transformer.metrics import generation
 from transformer.train import distributed
 
@@ -71,9 +74,9 @@ class GenerationEvaluator:
                  split: str, workdir: str | os.PathLike | None = None,
                  out_dir: str | os.PathLike | None = None):
         seq = config.seq2seq
-        if seq.num_beams != 1:
-            raise ValueError(f"seq2seq.num_beams={seq.num_beams}: evaluation decodes greedily "
-                             "(num_beams=1)")
+        if seq.num_beams > 1 and jax.process_count() > 1:
+            raise ValueError(f"seq2seq.num_beams={seq.num_beams}: beam-search evaluation runs "
+                             "on one process; evaluate greedily (num_beams=1) on several")
         self.metrics = [m for m in str(seq.metrics).split(",") if m]
         generation.generation_metrics(["x"], ["x"], self.metrics)  # Unknown names fail now.
         self.tokenizer, self.batch_sharding = tokenizer, batch_sharding
@@ -89,6 +92,11 @@ class GenerationEvaluator:
         self.sets, self.mine = sets, sets[me]
         self.report = self.mine.report
         max_length = seq.max_decode_length or seq.max_target_length
+        self.graphdef, self.mesh = graphdef, batch_sharding.mesh
+        self.rules = [tuple(r) for r in config.logical_axis_rules]
+        self.beam = None if seq.num_beams == 1 else BeamConfig(
+            num_beams=seq.num_beams, max_new_tokens=max_length, length_penalty=seq.length_penalty,
+            early_stopping=True, stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id or 0)
         generate = make_greedy(graphdef, max_length, config.model.decoder_start_token_id,
                                tokenizer.eos_id, tokenizer.pad_id or 0)
         replicated = NamedSharding(batch_sharding.mesh, PartitionSpec())
@@ -108,6 +116,8 @@ class GenerationEvaluator:
         return {"inputs": inputs, "segment_ids": segment_ids}
 
     def __call__(self, params: Any, step: int) -> dict[str, float]:
+        if self.beam is not None:
+            return self.beam_search(params, step)
         outputs = []
         for b in range(self.num_batches):  # Dispatch all, then fetch: the device never waits.
             batch = distributed.to_global(self.batch(self.mine, b), self.batch_sharding)
@@ -124,6 +134,23 @@ class GenerationEvaluator:
                         predictions.append(self.tokenizer.decode(ids))
                         references.append(examples.references[index])
         return self.score(predictions, references, step)
+
+    def beam_search(self, params: Any, step: int) -> dict[str, float]:
+        """The best beam of each example (transformer/inference/seq2seq.py; one process)."""
+        model = nnx.merge(self.graphdef, params)
+        examples, size = self.mine, self.per_process
+        predictions = []
+        for b in range(self.num_batches):
+            rows = range(b * size, min((b + 1) * size, len(examples.references)))
+            inputs = [examples.inputs[i, : examples.lengths[i]].tolist() for i in rows]
+            if not inputs:
+                continue
+            out = seq2seq_generate.seq2seq_beam_generate(model, inputs, self.beam,
+                                                         mesh=self.mesh, rules=self.rules)
+            predictions += [self.tokenizer.decode(cut_at_eos(np.asarray(h[0]),
+                                                             self.tokenizer.eos_id))
+                            for h in out.sequences()]
+        return self.score(predictions, list(examples.references), step)
 
     def score(self, predictions: list[str], references: list[list[str]],
               step: int) -> dict[str, float]:
