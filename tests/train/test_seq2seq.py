@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.test_recipes import load
 from tests.train.test_main import REPO, assert_ok, env
 from transformer.data import seq2seq
-from transformer.models import MODELS, get_preset
+from transformer.models import MODELS, ModelConfig, count_params, get_preset
 from transformer.train import objectives, seq2seq_eval
 
 START, EOS = 0, 1
@@ -114,3 +115,21 @@ def test_t5_pretrain_ci_recipe_trains_by_span_corruption(tmp_path):
     # Targets are ~15 % of the tokens plus a sentinel per span and EOS: far fewer than inputs.
     assert all(0 < r["tokens"] < 8 * 32 for r in train)
     assert np.isfinite(rows[-1]["eval_loss"]) and rows[-1]["eval_tokens"] > 0
+
+
+@pytest.mark.parametrize("recipe, variants", [
+    ("translation", ["de_en", "en_de", "ci"]), ("summarization", ["debian", "finetune", "ci"]),
+    ("t5_pretrain", ["tiny", "small", "base", "ci"])])
+def test_recipe_variants_build_encoder_decoder_configs(recipe, variants):
+    module = load(recipe)
+    assert f"python -m transformer.main --config=configs/{recipe}.py" in module.__doc__
+    for variant in variants:
+        config = module.get_config(variant)
+        model = ModelConfig.from_dict(config.model.to_dict())
+        assert model.architecture == "encoder_decoder"
+        assert config.objective in objectives.OBJECTIVES
+        if variant in ("small", "base"):  # T5 v1.1 small/base: 77M and 248M parameters.
+            published = {"small": 77e6, "base": 248e6}[variant]
+            assert abs(count_params(model) - published) / published < 0.01
+    with pytest.raises(ValueError, match="unknown variant"):
+        module.get_config("huge")
