@@ -13,7 +13,7 @@ from flax import nnx
 from tests.hf.tiny_models import make_tiny, random_ids, untie_t5_head
 from transformer.hf import export_hf, load_hf_model
 
-FAMILIES = ("t5", "t5_v1_1", "t5_untied", "bart")
+FAMILIES = ("t5", "t5_untied", "bart")  # T5 v1.0; v1.1 (flan-T5: gated, untied); BART.
 SOURCE_LENGTHS, TARGET_LENGTHS = [23, 9, 16], [11, 4, 7]  # Right padding; past T5's max_exact.
 
 
@@ -23,7 +23,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("seq2seq")
     made = {}
     for name in FAMILIES:
-        folder, hf = make_tiny("t5_v1_1" if name == "t5_untied" else name, root)
+        folder, hf = make_tiny("t5_v1_1" if name == "t5_untied" else name, root)  # 3 decoder layers.
         if name == "t5_untied":
             folder = untie_t5_head(hf, root / name)
         made[name] = (folder, hf, load_hf_model(folder))
@@ -82,22 +82,31 @@ def test_packed_row_equals_each_example_alone(models, name):
     _, _, ours = models[name]
     a_src, b_src = random_ids(1, 13, 5)[0], random_ids(1, 9, 6)[0]
     a_tgt, b_tgt = random_ids(1, 6, 7)[0], random_ids(1, 8, 8)[0]
-    pad_src, pad_tgt = 3, 2  # Padding after both examples.
-    src = np.concatenate([a_src, b_src, np.zeros(pad_src, np.int32)])[None]
-    tgt = np.concatenate([a_tgt, b_tgt, np.zeros(pad_tgt, np.int32)])[None]
-    seg = lambda a, b, pad: np.concatenate([np.full(len(a), 1), np.full(len(b), 2),
-                                            np.zeros(pad)]).astype(np.int32)[None]
-    pos = lambda a, b, pad: np.concatenate([np.arange(len(a)), np.arange(len(b)),
-                                            np.zeros(pad)]).astype(np.int32)[None]
-    packed_kwargs = dict(segment_ids=seg(a_src, b_src, pad_src),
-                         positions=pos(a_src, b_src, pad_src),
-                         decoder_segment_ids=seg(a_tgt, b_tgt, pad_tgt),
-                         decoder_positions=pos(a_tgt, b_tgt, pad_tgt))
-    packed, alone_a, alone_b = (out.logits[0] for out in run(
-        ours, ("__call__", (src, tgt), packed_kwargs), ("__call__", (a_src[None], a_tgt[None]), {}),
-        ("__call__", (b_src[None], b_tgt[None]), {})))
-    assert np.abs(np.asarray(packed[:len(a_tgt)] - alone_a)).max() <= 1e-5
-    assert np.abs(np.asarray(packed[len(a_tgt):len(a_tgt) + len(b_tgt)] - alone_b)).max() <= 1e-5
+
+    def rows(a, b, width):
+        """Row 0: a and b packed (then padding); rows 1 and 2: a and b alone (then padding).
+        Rows of a batch never interact, so each of rows 1 and 2 is its example alone."""
+        ids, segments, positions = np.zeros((3, width), np.int32), np.zeros((3, width), np.int32), \
+            np.zeros((3, width), np.int32)
+        for row, parts in enumerate(([a, b], [a], [b])):
+            start = 0
+            for k, part in enumerate(parts, 1):
+                ids[row, start:start + len(part)] = part
+                segments[row, start:start + len(part)] = k
+                positions[row, start:start + len(part)] = np.arange(len(part))
+                start += len(part)
+        return ids, segments, positions
+
+    src, src_seg, src_pos = rows(a_src, b_src, len(a_src) + len(b_src) + 3)
+    tgt, tgt_seg, tgt_pos = rows(a_tgt, b_tgt, len(a_tgt) + len(b_tgt) + 2)
+    [out] = run(ours, ("__call__", (src, tgt), dict(
+        segment_ids=src_seg, positions=src_pos, decoder_segment_ids=tgt_seg,
+        decoder_positions=tgt_pos)))
+    logits = np.asarray(out.logits)
+    n = len(a_tgt)
+    assert np.abs(logits[0, :n] - logits[1, :n]).max() <= 1e-5
+    assert np.abs(logits[0, n:n + len(b_tgt)] - logits[2, :len(b_tgt)]).max() <= 1e-5
+    assert np.abs(logits[1, :n] - logits[2, :n]).max() > 0.1  # The examples do differ.
 
 
 @pytest.mark.parametrize("name", ["t5", "t5_untied", "bart"])
@@ -114,3 +123,14 @@ def test_export_loads_in_transformers_with_the_same_logits(models, name, tmp_pat
     # The exported folder imports back to the same model.
     again = load_hf_model(folder)
     assert again.config == ours.config
+
+
+def test_sharded_safetensors_folder_imports_the_same(models, tmp_path):
+    folder, hf, ours = models["bart"]
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    again = load_hf_model(tmp_path / "sharded")
+    mine = nnx.to_flat_state(nnx.state(ours, nnx.Param))
+    theirs = dict(nnx.to_flat_state(nnx.state(again, nnx.Param)))
+    for path, variable in mine:
+        np.testing.assert_array_equal(np.asarray(variable[...]), np.asarray(theirs[path][...]))

@@ -50,9 +50,13 @@ def test_shape_mismatch_names_tensor_and_shapes(tiny, tmp_path):
 def test_unknown_architecture_is_named(tiny, tmp_path):
     folder = copy(tiny("gpt2")[0], tmp_path)
     config = json.loads((folder / "config.json").read_text())
-    config["model_type"] = "t5"
+    config["model_type"] = "mamba"
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"model_type='t5'; supported: \['bert', 'gpt2', 'llama'"):
+    with pytest.raises(ValueError, match=r"model_type='mamba'; supported: \['bart', 'bert', 'gpt2'"):
+        load_hf_model(folder)
+    config["model_type"] = "t5"  # A known family, but GPT-2's fields.
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json has no field 'd_model', which T5 needs"):
         load_hf_model(folder)
 
 

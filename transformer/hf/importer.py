@@ -44,7 +44,17 @@ def hf_model_config(folder: str | pathlib.Path) -> tuple[families.Family, ModelC
     hf = read_hf_config(folder)
     family = families.family_for_model_type(hf.get("model_type"))
     names = SafetensorsReader(folder).names()
-    return family, family.config_from_hf(hf, names), family.prefix(names)
+    return family, _config_from_hf(family, hf, names, folder), family.prefix(names)
+
+
+def _config_from_hf(family: families.Family, hf: dict[str, Any], names: Collection[str],
+                    folder: str | pathlib.Path) -> ModelConfig:
+    try:
+        return family.config_from_hf(hf, names)
+    except KeyError as missing:
+        raise ValueError(f"{pathlib.Path(folder) / CONFIG_FILE} has no field {missing}, which "
+                         f"{family.name} needs (is model_type={hf.get('model_type')!r} right?)"
+                         ) from None
 
 
 def load_hf_model(
@@ -66,7 +76,7 @@ def load_hf_model(
     family = families.family_for_model_type(hf.get("model_type"))
     reader = SafetensorsReader(folder)
     names = reader.names()
-    config = family.config_from_hf(hf, names)
+    config = _config_from_hf(family, hf, names, folder)
     overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
     config = config.replace(**overrides)
     _check_experts(config, reader, family.prefix(names))

@@ -1,4 +1,4 @@
-"""One model configuration for every family (BERT, GPT-2, Llama) and the named presets."""
+"""One model configuration for every family (BERT, GPT-2, Llama, MoE, T5, BART) and the named presets."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ class ModelConfig:
     grouped-query attention (1 = multi-query).
     """
 
-    architecture: str = "decoder"  # 'encoder' (bidirectional, BERT) or 'decoder' (causal, GPT/Llama).
+    architecture: str = "decoder"  # 'encoder' (bidirectional, BERT), 'decoder' (causal, GPT/Llama)
+    # or 'encoder_decoder' (T5, BART).
     vocab_size: int = 32000  # Rows of the token-embedding table.
     hidden_size: int = 768  # Width of the residual stream ('embed' axis).
     num_layers: int = 12  # Transformer blocks.

@@ -158,6 +158,9 @@ class TaskModel(nnx.Module):
     reads `model.config` keeps working); `head_config` describes the head."""
 
     def __init__(self, config: ModelConfig, head: HeadConfig, *, rngs: nnx.Rngs):
+        if config.architecture == "encoder_decoder":
+            raise ValueError("task heads sit on an encoder or a decoder; fine-tune an "
+                             "encoder-decoder (T5, BART) on text-to-text targets instead")
         self.config = config
         self.head_config = head
         backbone = Encoder if config.architecture == "encoder" else Decoder
