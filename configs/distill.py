@@ -1,6 +1,6 @@
 """Knowledge distillation on SST-2: a fine-tuned all-MiniLM-L6-v2 teacher (configs/glue.py) → a
 3-layer student made of the teacher's layers 0, 2, 4 (as DistilBERT initializes), trained on
-α · T² · KL(teacher_T ‖ student_T) + (1 − α) · CE(labels) (transformer/train/distill.py).
+α · T² · KL(teacher_T ‖ student_T) + (1 − α) · CE(labels) (transformer/train/objectives/distill.py).
 
     python -m transformer.main --config=configs/glue.py:sst2 --workdir=/tmp/sst2 \
         --config.init_from=/tmp/minilm                  # the teacher: /tmp/sst2/best
@@ -19,7 +19,7 @@ import importlib.util
 import pathlib
 
 from configs.variants import parse as parse_variants
-from transformer.train.distill import default_config
+from transformer.train.objectives.distill import default_config
 
 
 def _glue(arg):

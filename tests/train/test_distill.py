@@ -12,10 +12,11 @@ from jax.sharding import NamedSharding
 from transformer import sharding
 from transformer.models import MODELS, ModelConfig, get_preset
 from transformer.models.heads import HeadConfig, TaskModel
-from transformer.train import best, distill, objectives, optimizer, trainer
+from transformer.train import best, objectives, optimizer, trainer
 from transformer.train import state as train_state
 from transformer.train import step as step_lib
 from transformer.train.config import finetune_config
+from transformer.train.objectives import distill
 
 B, T, V = 16, 16, 128
 TINY = dict(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64, max_length=T,

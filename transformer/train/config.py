@@ -14,7 +14,7 @@ from transformer.train import dp
 def base_config(preset: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0  # Parameter init, dropout and data order.
-    # What is trained (transformer/train/objectives.py): 'lm' (pretraining; data.objective picks
+    # What is trained (transformer/train/objectives/): 'lm' (pretraining; data.objective picks
     # causal or masked LM), or a fine-tuning task kind: 'classification', 'token_classification',
     # 'qa', 'relation' (data.task names the task).
     c.objective = "lm"

@@ -1,4 +1,5 @@
-"""Multi-host start-up: `jax.distributed.initialize` when more than one process runs."""
+"""Multi-host start-up (`jax.distributed.initialize` when more than one process runs), and the two
+helpers every process-symmetric loop needs: host rows → global arrays, and a flag any process raised."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import socket
 
 import jax
 import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
 
 # Environment variables that mean "this process is one of several" for jax's auto-detection.
 _CLUSTER_HINTS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
@@ -72,3 +76,17 @@ def _check_reachable(address: str, process_id: int, timeout: int) -> None:
         f"coordinator {address} not reachable after {timeout}s ({deadline_error}); start process 0 "
         "first and check config.distributed.coordinator_address"
     )
+
+
+def to_global(batch: dict[str, np.ndarray], batch_sharding: NamedSharding) -> dict[str, jax.Array]:
+    """This process's rows → one global array per feature, sharded over the batch axis."""
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+        for k, v in batch.items()
+    }
+
+
+def any_process_has(value: bool) -> bool:
+    if jax.process_count() == 1:
+        return value
+    return bool(np.any(multihost_utils.process_allgather(np.array(value))))

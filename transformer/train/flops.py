@@ -68,6 +68,12 @@ def layer_flops(config: ModelConfig, seq_len: int, moe: bool = False) -> float:
 
 def backbone_flops(config: ModelConfig, seq_len: int) -> float:
     """Forward FLOPs per token of the layer stack (an encoder or a decoder)."""
+    if config.architecture == "encoder_decoder":  # Both stacks as if their rows were seq_len
+        # long; each decoder block adds cross-attention (projections and scores).
+        d, h, kv, dh = config.hidden_size, config.num_heads, config.kv_heads, config.dim_per_head
+        cross = 2 * d * (h + 2 * kv) * dh + 2 * h * dh * d + 2 * 2 * seq_len * h * dh
+        block = layer_flops(config, seq_len)
+        return config.num_layers * block + config.decoder_layers * (block + cross)
     if config.architecture not in ("encoder", "decoder"):
         raise NotImplementedError(f"no FLOP count for architecture {config.architecture!r}; "
                                   "add its layer stack to transformer/train/flops.py")

@@ -15,19 +15,29 @@ from jax.sharding import NamedSharding, PartitionSpec
 from transformer import sharding
 from transformer.models import context_parallel
 from transformer.train import dp, trainable
-from transformer.train.objectives import get_objective
 from transformer.train.optimizer import applied_steps
 from transformer.train.state import TrainState
 
 Batch = dict[str, jax.Array]
 
 
+def objective_of(config: ml_collections.ConfigDict, objective: Any = None) -> Any:
+    """The objective the caller hands in (the training loop and the objectives' evaluators do),
+    else the one `config.objective` names in the registry (tests and benchmarks). The lookup is
+    deferred so that this module, which the objectives use, does not import them."""
+    if objective is not None:
+        return objective
+    from transformer.train.objectives import get_objective
+
+    return get_objective(config.objective)
+
+
 def make_loss_fn(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
-                 teacher_graphdef: nnx.GraphDef | None = None) -> Callable:
+                 teacher_graphdef: nnx.GraphDef | None = None, objective: Any = None) -> Callable:
     """(params, batch, dropout_rng[, teacher_params]) → (loss_sum, sums): the model on one
-    (micro)batch, with the loss of `config.objective`; a frozen teacher (distillation) gets no
-    gradient."""
-    objective = get_objective(config.objective)
+    (micro)batch, with the loss of `objective` (default: `config.objective`'s); a frozen teacher
+    (distillation) gets no gradient."""
+    objective = objective_of(config, objective)
     zig_zag = dict(causal=config.model.architecture == "decoder",
                    load_balance=config.model.get("context_load_balance", True))
 
@@ -69,13 +79,15 @@ def make_train_step(
     state_shardings: TrainState,
     batch_sharding: NamedSharding,
     teacher: Any = None,
+    objective: Any = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """One optimizer step over `config.grad_accum_steps` microbatches, jitted with the state
     donated. A non-finite loss or gradient norm (a global check: every host agrees) skips the
     update and is counted. A `teacher` (`Objective.teacher`: graphdef, params, shardings) runs in
     the step, its parameters a sharded input of the jitted function."""
-    whole_loss_fn = make_loss_fn(graphdef, config, teacher and teacher.graphdef)
-    summarize = get_objective(config.objective).summarize
+    objective = objective_of(config, objective)
+    whole_loss_fn = make_loss_fn(graphdef, config, teacher and teacher.graphdef, objective)
+    summarize = objective.summarize
     trains = trainable.predicate(config)
 
     # Differentiated with respect to the trainable part only: a frozen base gets no gradient.
@@ -167,9 +179,10 @@ def make_eval_step(
     config: ml_collections.ConfigDict,
     params_sharding: Any,
     batch_sharding: NamedSharding,
+    objective: Any = None,
 ) -> Callable[[Any, Batch], dict[str, jax.Array]]:
     """Loss sums of one batch (weights 0 on padding), to be added up over the whole split."""
-    loss_fn = make_loss_fn(graphdef, config)
+    loss_fn = make_loss_fn(graphdef, config, objective=objective)
 
     def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
         return loss_fn(params, batch, None)[1]

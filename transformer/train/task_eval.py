@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from transformer import metrics as metrics_lib
 from transformer import paths
 from transformer.data import local_builder, pipeline, sources, task_packing, tasks
-from transformer.train import objectives, trainer
+from transformer.train import distributed, objectives
 
 
 def build_report(data: ml_collections.ConfigDict, split: str, fmt: str | None) -> sources.Report:
@@ -112,7 +112,7 @@ class TaskEvaluator:
     def __call__(self, params: Any, step: int) -> dict[str, float]:
         outputs = []
         for batch in self.device_batches:  # Dispatch all, then fetch: the device never waits.
-            outputs.append(self.predict(params, trainer.to_global(batch, self.batch_sharding)))
+            outputs.append(self.predict(params, distributed.to_global(batch, self.batch_sharding)))
         return self.score({k: np.concatenate([np.asarray(o[k]) for o in outputs])
                            for k in outputs[0]}, step)
 

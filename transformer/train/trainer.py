@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
@@ -23,7 +22,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from transformer import model_io, paths, sharding
-from transformer.data import pipeline, poisson, task_packing
+from transformer.data import poisson, task_packing
 from transformer.data.tokenizer import Tokenizer, load_tokenizer
 from transformer.models import ModelConfig
 from transformer.train import best as best_lib
@@ -40,6 +39,7 @@ from transformer.train import (
 )
 from transformer.train import state as train_state
 from transformer.train import step as train_step_lib
+from transformer.train.distributed import any_process_has, to_global
 from transformer.train.metrics_log import MetricLog
 
 
@@ -99,7 +99,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     # --- Jitted steps. ----------------------------------------------------------------------
     train_step = train_step_lib.make_train_step(
-        graphdef, tx, schedule, config, shardings, batch_sharding, teacher)
+        graphdef, tx, schedule, config, shardings, batch_sharding, teacher, objective)
     evaluator = objective.evaluator(config, tokenizer, graphdef, params_sharding, batch_sharding,
                                     workdir=workdir) if config.eval_every else None
 
@@ -392,14 +392,6 @@ def check_vocab(model_config: ModelConfig, tokenizer: Tokenizer) -> None:
         )
 
 
-def to_global(batch: dict[str, np.ndarray], batch_sharding: NamedSharding) -> dict[str, jax.Array]:
-    """This process's rows → one global array per feature, sharded over the batch axis."""
-    return {
-        k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
-        for k, v in batch.items()
-    }
-
-
 def check_finite(metrics: dict[str, jax.Array], max_bad_steps: int, step: int) -> None:
     streak = int(metrics["bad_streak"])
     if streak:
@@ -411,52 +403,6 @@ def check_finite(metrics: dict[str, jax.Array], max_bad_steps: int, step: int) -
             "stopping. Lower the learning rate, enable grad_clip_norm or z_loss, or inspect the "
             f"data; the last good checkpoint is kept (max_bad_steps={max_bad_steps})"
         )
-
-
-def evaluate(
-    config: ml_collections.ConfigDict,
-    eval_step: Any,
-    params: Any,
-    tokenizer: Tokenizer,
-    batch_sharding: NamedSharding,
-    dataset: Any = None,
-) -> dict[str, float]:
-    """Loss, perplexity and accuracy over the whole eval split (or `eval_steps` batches); the
-    last batch is padded with weight-0 rows, so every token counts exactly once. `dataset` gives
-    the batches (default: the pretraining pipeline's eval split)."""
-    if dataset is None:
-        dataset = pipeline.create_pretraining_dataset(
-            config.data, config.data.eval_split, tokenizer=tokenizer, train=False,
-            process_index=jax.process_index(), process_count=jax.process_count(),
-        )
-    batches = iter(dataset)
-    totals, count, template = None, 0, None
-    while config.eval_steps is None or count < config.eval_steps:
-        batch = next(batches, None)
-        template = template if batch is None else batch
-        if not any_process_has(batch is not None) or template is None:
-            break
-        if batch is None:  # This process is done but others are not: feed a weight-0 batch.
-            batch = {k: np.zeros_like(v) for k, v in template.items()}
-        sums = eval_step(params, to_global(batch, batch_sharding))
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-        count += 1
-    if totals is None:
-        raise ValueError(f"the eval split {config.data.eval_split!r} produced no batches")
-    weight = max(float(totals["weight_sum"]), 1.0)
-    nll = float(totals["nll_sum"]) / weight
-    return {
-        "eval_loss": float(totals["loss_sum"]) / weight,
-        "eval_perplexity": float(np.exp(min(nll, 80.0))),
-        "eval_accuracy": float(totals["correct_sum"]) / weight,
-        "eval_tokens": float(totals["weight_sum"]),
-    }
-
-
-def any_process_has(value: bool) -> bool:
-    if jax.process_count() == 1:
-        return value
-    return bool(np.any(multihost_utils.process_allgather(np.array(value))))
 
 
 def install_sigterm_handler() -> dict[str, bool]:

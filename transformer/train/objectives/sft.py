@@ -14,7 +14,10 @@ import ml_collections
 from transformer.data import sft_batches
 from transformer.models import ModelConfig
 from transformer.train import flops
-from transformer.train.objectives import Objective, _lm_builder, _lm_loss, _lm_summary, register
+from transformer.train import step as step_lib
+from transformer.train.objectives.lm import _lm_builder, _lm_loss, _lm_summary
+from transformer.train.objectives.lm import evaluate as evaluate_lm
+from transformer.train.objectives.registry import BEST_METRIC, Objective, get_objective, register
 
 
 def _builder(model_config: ModelConfig, config: ml_collections.ConfigDict):
@@ -31,19 +34,18 @@ def _data(config, tokenizer, process_index, process_count):
 
 
 def _evaluator(config, tokenizer, graphdef, params_sharding, batch_sharding, **_):
-    from transformer.train import step as step_lib
-    from transformer.train import trainer
-
-    eval_step = step_lib.make_eval_step(graphdef, config, params_sharding, batch_sharding)
+    eval_step = step_lib.make_eval_step(graphdef, config, params_sharding, batch_sharding,
+                                        objective=get_objective(config.objective))
 
     def evaluate(params, step):
         batches = sft_batches.create_sft_dataset(
             config.data, config.data.eval_split, tokenizer=tokenizer, train=False,
             process_index=jax.process_index(), process_count=jax.process_count())
-        return trainer.evaluate(config, eval_step, params, tokenizer, batch_sharding, batches)
+        return evaluate_lm(config, eval_step, params, tokenizer, batch_sharding, batches)
 
     return evaluate
 
 
 register(Objective("sft", ("batch", "length"), _builder, _lm_loss, _lm_summary, _data, _evaluator,
                    lambda model_config, config, seq_len: flops.lm_head_flops(model_config)))
+BEST_METRIC["sft"] = "eval_loss"

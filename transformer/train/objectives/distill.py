@@ -36,9 +36,19 @@ from transformer.data import tasks
 from transformer.models import MODELS, ModelConfig
 from transformer.models.common import split_rng
 from transformer.models.heads import HeadConfig, TaskModel
-from transformer.train import flops, objectives
+from transformer.train import flops
 from transformer.train import state as train_state
 from transformer.train.losses import cross_entropy
+from transformer.train.objectives import lm  # noqa: F401  (distill_lm's base, registered first)
+from transformer.train.objectives.registry import (
+    BEST_METRIC,
+    Batch,
+    Objective,
+    get_objective,
+    mean_of,
+    register,
+)
+from transformer.train.objectives.tasks import head_config
 
 BASES = ("classification", "token_classification", "lm")
 HEAD_FILE = "head_config.json"  # As transformer/train/best.py writes it.
@@ -118,7 +128,7 @@ def distillation_sums(
 # --- The models' outputs: logits, last hidden states, targets and weights of one batch. ----
 
 
-def _outputs(model: nnx.Module, batch: objectives.Batch, base: str,
+def _outputs(model: nnx.Module, batch: Batch, base: str,
              dropout_rng: jax.Array | None) -> dict[str, jax.Array]:
     if base == "lm":
         out = model(batch["inputs"], token_type_ids=batch.get("token_type_ids"),
@@ -160,12 +170,12 @@ def _loss(base: str):
 
 
 def _summary(sums):
-    out = {"loss": objectives.mean_of(sums, "loss_sum"),
-           "hard_loss": objectives.mean_of(sums, "hard_sum"),
-           "accuracy": objectives.mean_of(sums, "correct_sum"), "weights": sums["weight_sum"]}
+    out = {"loss": mean_of(sums, "loss_sum"),
+           "hard_loss": mean_of(sums, "hard_sum"),
+           "accuracy": mean_of(sums, "correct_sum"), "weights": sums["weight_sum"]}
     for key in ("soft", "hidden"):
         if f"{key}_sum" in sums:
-            out[f"{key}_loss"] = objectives.mean_of(sums, f"{key}_sum")
+            out[f"{key}_loss"] = mean_of(sums, f"{key}_sum")
     return out
 
 
@@ -248,7 +258,7 @@ def check_compatible(config: ml_collections.ConfigDict, student: ModelConfig,
                 f"{student.architecture}: causal and masked LM logits predict different tokens; "
                 "use a teacher of the student's family")
     else:
-        student_head = objectives.head_config(inner_config(config))
+        student_head = head_config(inner_config(config))
         if teacher_head is None:
             raise ValueError(f"{where} has no {HEAD_FILE}: it is a plain {teacher.architecture}, "
                              f"whose logits are over the vocabulary, not the {base} labels; "
@@ -325,28 +335,28 @@ def load_teacher(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 
 
 def _builder(model_config, config):
-    return objectives.get_objective(config.objective.removeprefix("distill_")).builder(
+    return get_objective(config.objective.removeprefix("distill_")).builder(
         model_config, inner_config(config))
 
 
 def _data(config, tokenizer, process_index, process_count):
     inner = inner_config(config)
     inner.data.pack_examples = False  # Rows of one example: the hidden term is a mean per row.
-    return objectives.get_objective(inner.objective).train_data(
+    return get_objective(inner.objective).train_data(
         inner, tokenizer, process_index, process_count)
 
 
 def _evaluator(config, *args, **kwargs):
     """The base objective's evaluation of the student (accuracy, F1, perplexity: no teacher)."""
     inner = inner_config(config)
-    return objectives.get_objective(inner.objective).evaluator(inner, *args, **kwargs)
+    return get_objective(inner.objective).evaluator(inner, *args, **kwargs)
 
 
 def _head_flops(model_config, config, seq_len):
     """The student's head, plus the teacher's whole forward pass (counted as a third of its
     training FLOPs: no backward pass) when the teacher runs."""
     inner = inner_config(config)
-    own = objectives.get_objective(inner.objective).head_flops(model_config, inner, seq_len)
+    own = get_objective(inner.objective).head_flops(model_config, inner, seq_len)
     d = config.distill
     if not (d.alpha > 0 or d.beta > 0) or not d.teacher:
         return own
@@ -355,12 +365,12 @@ def _head_flops(model_config, config, seq_len):
         teacher_head = flops.lm_head_flops(teacher)
     else:
         teacher_head = flops.task_head_flops(teacher, _read_head(d.teacher) or
-                                             objectives.head_config(inner), seq_len)
+                                             head_config(inner), seq_len)
     return own + (flops.backbone_flops(teacher, seq_len) + teacher_head) / flops.TRAIN_FACTOR
 
 
 for _base in BASES:
-    objectives.register(objectives.Objective(
-        f"distill_{_base}", objectives.get_objective(_base).batch_axes, _builder, _loss(_base),
+    register(Objective(
+        f"distill_{_base}", get_objective(_base).batch_axes, _builder, _loss(_base),
         _summary, _data, _evaluator, _head_flops, resolve=resolve, teacher=load_teacher))
-    objectives.BEST_METRIC[f"distill_{_base}"] = objectives.BEST_METRIC[_base]
+    BEST_METRIC[f"distill_{_base}"] = BEST_METRIC[_base]

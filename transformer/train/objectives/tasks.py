@@ -1,149 +1,33 @@
-"""Training objectives by name (`config.objective`): what the one training loop needs to know
-about a task, so that the loop itself knows none.
+"""Fine-tuning tasks on a pretrained backbone with a task head (transformer/models/heads.py).
 
-An objective gives the model to build, the batches to train on, the loss (as sums over the
-batch, so microbatches and devices combine exactly), the train metrics, an evaluator, and the
-FLOPs of the output it computes on top of the layer stack (for MFU).
-
-  lm                    pretraining: causal or masked LM (`data.objective`), packed rows
   classification        sequence (pair) classification: pooled features → labels
   token_classification  a label per token (NER), later subwords and padding ignored (-100)
   qa                    extractive QA: start/end logits, SQuAD windows
   relation              relation classification from the two entity-start markers
-  distill_*             knowledge distillation from a frozen teacher (transformer/train/distill.py)
-  sft                   supervised fine-tuning on chat conversations (transformer/train/sft.py)
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections.abc import Callable, Iterator
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-from flax import nnx
 
 from transformer import sharding
 from transformer.data import pipeline, poisson, task_packing, tasks
-from transformer.models import MODELS, ModelConfig, moe
+from transformer.models import ModelConfig
 from transformer.models.heads import HeadConfig, Placement, TaskModel
 from transformer.train import flops
 from transformer.train.losses import cross_entropy
-
-Batch = dict[str, jax.Array]
-Builder = Callable[[nnx.Rngs], nnx.Module]
-
-
-@dataclasses.dataclass(frozen=True)
-class Objective:
-    name: str
-    batch_axes: tuple[str, ...]  # Logical axes of the leading dims of every batch array.
-    builder: Callable[[ModelConfig, ml_collections.ConfigDict], Builder]
-    loss: Callable[[nnx.Module, Batch, jax.Array | None, ml_collections.ConfigDict], dict]
-    summarize: Callable[[dict[str, jax.Array]], dict[str, jax.Array]]  # sums → train metrics
-    train_data: Callable[..., Iterator[dict[str, Any]]]  # (config, tokenizer) → batches
-    evaluator: Callable[..., Callable[[Any, int], dict[str, float]]]  # see `make_evaluator`
-    # Forward FLOPs per token of what the model computes on top of its layer stack, for MFU:
-    # (model config, config, sequence length) → FLOPs (see transformer/train/flops.py).
-    head_flops: Callable[[ModelConfig, ml_collections.ConfigDict, int], float]
-    # Objectives that read a second, frozen model (distillation, transformer/train/distill.py):
-    # config → config after `init_from` (e.g. the student's architecture from the teacher's), and
-    # (config, mesh, rules) → the frozen model (`graphdef`, `params`, `shardings`,
-    # `init_student(params, params_sharding)`); its model reaches `loss` as `teacher=`.
-    resolve: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict] | None = None
-    teacher: Callable[..., Any] | None = None
-
-
-OBJECTIVES: dict[str, Objective] = {}
-
-
-def register(objective: Objective) -> Objective:
-    OBJECTIVES[objective.name] = objective
-    return objective
-
-
-def get_objective(name: str) -> Objective:
-    if name not in OBJECTIVES:
-        raise KeyError(f"unknown config.objective {name!r}; registered: {sorted(OBJECTIVES)}")
-    return OBJECTIVES[name]
-
-
-def mean_of(sums: dict[str, jax.Array], key: str) -> jax.Array:
-    return sums[key] / jnp.maximum(sums["weight_sum"], 1.0)
-
-
-# --- Pretraining: causal or masked language modeling. ----------------------------------------
-
-
-def _lm_builder(model_config: ModelConfig, config: ml_collections.ConfigDict) -> Builder:
-    return lambda rngs: MODELS[model_config.architecture](model_config, rngs=rngs)
-
-
-def _lm_loss(model, batch, dropout_rng, config):
-    out = model(batch["inputs"], token_type_ids=batch.get("token_type_ids"),
-                segment_ids=batch["segment_ids"], positions=batch["positions"],
-                dropout_rng=dropout_rng)
-    sums = cross_entropy(out.logits, batch["targets"], batch["weights"],
-                         label_smoothing=config.label_smoothing, z_loss=config.z_loss)
-    if out.router_stats is not None:
-        sums.update(_moe_sums(model.config, out.router_stats, sums))
-    return sums
-
-
-def _moe_sums(model_config: ModelConfig, stats: dict, sums: dict) -> dict:
-    """Router losses, weighted by the model config, added to the loss sum. They are batch means,
-    so they enter as mean × weight_sum: dividing by weight_sum gives loss + w · aux (with
-    microbatches, the token-weighted mean of each microbatch's aux loss)."""
-    balance, z = moe.load_balancing_loss(stats), moe.router_z_loss(stats)
-    total = sums["weight_sum"]
-    extra = (model_config.router_aux_loss_weight * balance
-             + model_config.router_z_loss_weight * z) * total
-    return {"loss_sum": sums["loss_sum"] + extra, "router_aux_loss_sum": balance * total,
-            "router_z_loss_sum": z * total, "moe_dropped_sum": moe.dropped_fraction(stats) * total,
-            "expert_tokens": jnp.sum(stats["expert_tokens"], axis=0)}
-
-
-def _lm_summary(sums):
-    metrics = {"loss": mean_of(sums, "loss_sum"), "nll": mean_of(sums, "nll_sum"),
-               "accuracy": mean_of(sums, "correct_sum"), "tokens": sums["weight_sum"]}
-    if "expert_tokens" in sums:  # Per-expert load: its share of the top-k assignments × E.
-        load = sums["expert_tokens"] / jnp.maximum(jnp.sum(sums["expert_tokens"]), 1.0)
-        load = load * load.shape[0]
-        metrics.update({"router_aux_loss": mean_of(sums, "router_aux_loss_sum"),
-                        "router_z_loss": mean_of(sums, "router_z_loss_sum"),
-                        "moe_dropped_fraction": mean_of(sums, "moe_dropped_sum"),
-                        "expert_load_max": jnp.max(load), "expert_load_min": jnp.min(load),
-                        **{f"expert_load/{e}": load[e] for e in range(load.shape[0])}})
-    return metrics
-
-
-def _lm_data(config, tokenizer, process_index, process_count):
-    return iter(pipeline.create_pretraining_dataset(
-        config.data, config.data.train_split, tokenizer=tokenizer,
-        process_index=process_index, process_count=process_count))
-
-
-def _lm_evaluator(config, tokenizer, graphdef, params_sharding, batch_sharding, **_):
-    from transformer.train import step as step_lib
-    from transformer.train import trainer
-
-    eval_step = step_lib.make_eval_step(graphdef, config, params_sharding, batch_sharding)
-    return lambda params, step: trainer.evaluate(config, eval_step, params, tokenizer,
-                                                 batch_sharding)
-
-
-def _lm_head_flops(model_config, config, seq_len):
-    return flops.lm_head_flops(model_config)
-
-
-register(Objective("lm", ("batch", "length"), _lm_builder, _lm_loss, _lm_summary, _lm_data,
-                   _lm_evaluator, _lm_head_flops))
-
-
-# --- Fine-tuning tasks. ------------------------------------------------------------------------
+from transformer.train.objectives.registry import (
+    BEST_METRIC,
+    Batch,
+    Builder,
+    Objective,
+    mean_of,
+    register,
+)
 
 
 def task_of(config: ml_collections.ConfigDict) -> tasks.Task:
@@ -257,12 +141,8 @@ for _kind in ("classification", "token_classification", "qa", "relation"):
                        _task_evaluator, _task_head_flops))
 
 # The metric that selects the best checkpoint, by task kind (the key the evaluator reports).
-BEST_METRIC = {"classification": "eval_accuracy", "token_classification": "eval_entity_f1",
-               "qa": "eval_f1", "relation": "eval_macro_f1", "lm": "eval_loss", "sft": "eval_loss"}
-
-
-# Objectives in their own modules register themselves: distill_* and sft.
-from transformer.train import distill, sft  # noqa: E402, F401
+BEST_METRIC.update({"classification": "eval_accuracy", "token_classification": "eval_entity_f1",
+                    "qa": "eval_f1", "relation": "eval_macro_f1"})
 
 
 def best_metric(config: ml_collections.ConfigDict) -> tuple[str, str]:
