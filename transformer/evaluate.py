@@ -31,14 +31,6 @@ from ml_collections import config_flags  # noqa: E402
 from transformer import cli  # noqa: E402
 from transformer.locations import enable_compilation_cache  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The recipe the model was trained with.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "WORKDIR/best, WORKDIR/model, or a copy.")
-_SPLIT = flags.DEFINE_string("split", "", "Split to evaluate (default: data.eval_split).")
-_OUTPUT = flags.DEFINE_string("output", "", "Where to write (default: <checkpoint>/eval_<split>).")
-_QUANTIZE = flags.DEFINE_enum("quantize", None, ["int8", "int4"],
-                              "weight-only quantization of the model (transformer.quantize)")
-flags.mark_flags_as_required(["config", "checkpoint"])
-
 
 def evaluate_checkpoint(
     config: ml_collections.ConfigDict,
@@ -102,11 +94,20 @@ def evaluate_checkpoint(
 def main(argv: list[str]) -> None:
     del argv
     enable_compilation_cache()
-    results = evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value, _SPLIT.value, _OUTPUT.value,
-                                  _QUANTIZE.value)
+    f = flags.FLAGS
+    results = evaluate_checkpoint(f.config, f.checkpoint, f.split, f.output, f.quantize)
     if jax.process_index() == 0:
         print(json.dumps(results, indent=1), flush=True)
 
 
 if __name__ == "__main__":
+    # Defined here, not on import, so that Python code can import evaluate_checkpoint beside the
+    # other command lines (each defines --config).
+    config_flags.DEFINE_config_file("config", None, "The recipe the model was trained with.")
+    flags.DEFINE_string("checkpoint", None, "WORKDIR/best, WORKDIR/model, or a copy.")
+    flags.DEFINE_string("split", "", "Split to evaluate (default: data.eval_split).")
+    flags.DEFINE_string("output", "", "Where to write (default: <checkpoint>/eval_<split>).")
+    flags.DEFINE_enum("quantize", None, ["int8", "int4"],
+                      "weight-only quantization of the model (transformer.quantize)")
+    flags.mark_flags_as_required(["config", "checkpoint"])
     cli.run(main)
