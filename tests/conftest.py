@@ -28,6 +28,11 @@ os.environ["TRANSFORMER_DATA"] = str(pathlib.Path(tempfile.gettempdir()) / "tran
 # A cache of the test runs' own (trained tokenizers, prepared datasets), shared by the workers.
 TEST_CACHE = pathlib.Path(tempfile.gettempdir()) / f"transformer-tests-cache-{os.getuid()}"
 os.environ.setdefault("TRANSFORMER_CACHE", str(TEST_CACHE))
+# Compiled programs go to the persistent cache under it, as the command lines' do: the tests build
+# the same tiny models again and again, and each program is compiled once per run, not per test.
+from transformer.locations import enable_compilation_cache  # noqa: E402
+
+enable_compilation_cache()
 
 
 @pytest.fixture(scope="session")

@@ -26,10 +26,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 T = 32  # Tokens per row (= per document).
 BATCH = 8  # Global batch; 4 rows per process with two processes.
 TIMEOUT = 240  # Seconds a run may take before the test fails (instead of hanging).
-WORDS = [  # Each one GPT-2 token (after a space, too).
-    "the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "big", "red", "house", "in",
-    "town", "with", "his", "old", "friend", "who", "was", "not", "at", "home", "but", "went",
-    "out", "for", "long", "walk", "by", "river", "near", "green", "hill", "under", "blue", "sky",
+WORDS = [  # Each one piece of the 256-piece SentencePiece fixture (after a space, too).
+    "the", "you", "and", "not", "that", "for", "his", "him", "have", "with", "your", "her",
+    "this", "will", "thou", "but", "shall", "our", "know", "all", "sir", "lord", "good", "what",
+    "was", "would", "from", "well", "which", "love", "more", "make", "see", "come", "great", "say",
 ]
 
 
@@ -45,14 +45,14 @@ def setup(tmp_path_factory, fixtures):
     from transformer.data.tokenizer import load_tokenizer
 
     root = tmp_path_factory.mktemp("multiprocess")
-    tokenizer_path = fixtures / "tokenizers" / "encoder.json"
+    tokenizer_path = fixtures / "tokenizers" / "shakespeare_sp256.model"
     tokenizer = load_tokenizer(tokenizer_path)
     rng = np.random.default_rng(0)
 
-    def document() -> str:  # T tokens with the EOS the pipeline appends.
-        words = list(rng.choice(WORDS, T - 1))
+    def document() -> str:  # T tokens with the BOS and EOS the pipeline adds.
+        words = list(rng.choice(WORDS, T - 2))
         text = " ".join(words)
-        assert len(tokenizer.encode(text)) == T - 1, "every word must be one GPT-2 token"
+        assert len(tokenizer.encode(text)) == T - 2, "every word must be one token"
         return text
 
     blocks = {name: [document() for _ in range(BATCH // 2)] for name in "ABCD"}
@@ -62,7 +62,7 @@ def setup(tmp_path_factory, fixtures):
     (root / "train.txt").write_text("\n\n".join(d for b in order for d in blocks[b]) + "\n")
     (root / "validation.txt").write_text("\n\n".join(blocks["A"]) + "\n")
     overrides = [
-        f"--config.data.tokenizer={tokenizer_path}", "--config.model.vocab_size=50304",
+        f"--config.data.tokenizer={tokenizer_path}", "--config.model.vocab_size=256",
         "--config.tokenizer_training.files=",
         f"--config.data.local_files.train={root / 'train.txt'}",
         f"--config.data.local_files.validation={root / 'validation.txt'}",

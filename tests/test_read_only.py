@@ -14,12 +14,11 @@ from tests.conftest import FAST_COMPILE
 # A recipe's CPU variant for each way a run writes files, cut to a few steps: (recipe, overrides).
 # The demo trains the tokenizer and builds a text dataset (as the other pretraining :tiny do); the
 # fine-tuning recipes build their datasets through one local builder, which writes the same way
-# whatever the reader (squad's JSON and text_classification's CSV here; CoNLL and SemEval too);
+# whatever the reader (text_classification's CSV here; SQuAD's JSON, CoNLL and SemEval too);
 # sft writes a chat template, a peft adapter and a merged model.
 FEW_STEPS = {"num_train_steps": 2, "eval_every": 2, "checkpoint_every": 2, "log_every": 1}
 RUNS = [
     ("configs/demo.py:ci", {}),
-    ("configs/squad.py:ci", FEW_STEPS),
     ("configs/text_classification.py:ci", FEW_STEPS),
     ("configs/sft.py:ci", FEW_STEPS),
 ]

@@ -17,7 +17,7 @@ import pytest
 from etils import epath
 from gcsfs.core import GCSFileSystem
 
-from tests.train.test_main import REPO, assert_ok, env, tiny_args
+from tests.train.test_main import REPO, TINY_TOKENIZER, assert_ok, env, tiny_args
 
 BUCKET = "test-bucket"
 
@@ -102,7 +102,7 @@ def test_gs_workdir_trains_resumes_and_exports(fixtures, tmp_path, gcs):
     events = fs.glob(f"{run}/tensorboard/events.out.tfevents.*")
     assert events and fs.size(events[0]) > 0
     assert fs.exists(f"{run}/model/model_config.json") and fs.find(f"{run}/model/params")
-    assert fs.exists(f"{run}/model/tokenizer/encoder.json")
+    assert fs.exists(f"{run}/model/tokenizer/{TINY_TOKENIZER}")
     assert fs.size(f"{run}/loss.png") > 1000
 
     # A second run resumes from step 2: steps 1-2 are neither trained nor logged again, and the
@@ -115,7 +115,7 @@ def test_gs_workdir_trains_resumes_and_exports(fixtures, tmp_path, gcs):
     result = main(gs_args(fixtures, tmp_path, tmp_path / "finetune", num_train_steps=1,
                           init_from=f"gs://{run}/model", **{"data.tokenizer": ""}), gcs)
     assert_ok(result)
-    assert (tmp_path / "finetune" / "model" / "tokenizer" / "vocab.bpe").is_file()
+    assert (tmp_path / "finetune" / "model" / "tokenizer" / TINY_TOKENIZER).is_file()
 
 
 def test_missing_bucket_fails_with_a_clear_error(fixtures, tmp_path, gcs):

@@ -17,14 +17,16 @@ from tests.conftest import FAST_COMPILE
 from transformer.train.checkpointing import Checkpointer
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+# 256 SentencePiece pieces: a small vocabulary keeps the logits and the checkpoints small.
+TINY_TOKENIZER = "shakespeare_sp256.model"
 
 
 def tiny_args(fixtures, workdir, **overrides):
     corpus = REPO / "data" / "shakespeare" / "validation.txt.gz"
     values = {
-        "model.vocab_size": 50304, "model.hidden_size": 32, "model.num_layers": 2,
+        "model.vocab_size": 256, "model.hidden_size": 32, "model.num_layers": 2,
         "model.num_heads": 4, "model.mlp_dim": 64, "model.max_length": 32,
-        "data.tokenizer": fixtures / "tokenizers" / "encoder.json",
+        "data.tokenizer": fixtures / "tokenizers" / TINY_TOKENIZER,
         "tokenizer_training.files": "", "data.max_length": 32, "data.global_batch_size": 8,
         "data.local_files.train": corpus, "data.local_files.validation": corpus,
         "data.cache_dir": workdir.parent / "data_cache",
