@@ -4,6 +4,8 @@ The TPU splash kernel runs in Pallas interpret mode on the CPU: outputs and grad
 windowed, padded and packed inputs, GQA ratios 1, 2, 8, float32 and bfloat16, and the whole model
 under a mesh. The cuDNN kernel cannot run here: its mask arguments (lengths, causal flag, window)
 go to `jax.nn.dot_product_attention`'s XLA implementation instead, which takes the same ones.
+On a TPU (JAX_PLATFORMS=tpu) the splash kernel itself runs, on an NVIDIA GPU (JAX_PLATFORMS=cuda)
+the cuDNN one (in bfloat16, which its flash path needs), against the same reference.
 Padding queries are compared nowhere: the kernels leave them unspecified (never used).
 """
 
@@ -20,7 +22,9 @@ from transformer.models import build_model, dot_product_attention, get_preset, m
 from transformer.models.kernels import cudnn, splash
 
 T, D = 256, 64  # Two tiles of 128 (the kernel's minimum) a sequence.
-KERNEL = "splash_interpret"  # The TPU kernel, run by the Pallas interpreter.
+BACKEND = jax.default_backend()
+# The TPU kernel: itself on a TPU, run by the Pallas interpreter elsewhere.
+KERNEL = "splash" if BACKEND == "tpu" else "splash_interpret"
 
 # Row 0 of each batch: three packed segments and padding; row 1: one sequence, no padding.
 PACKED = np.array([[1] * 90 + [2] * 70 + [3] * 60 + [0] * 36, [1] * T], np.int32)
@@ -71,7 +75,7 @@ def splash_against_reference(segments, causal, window, heads, kv_heads, dtype):
     q, k, v, cotangent = random_inputs(heads, kv_heads, dtype)
     kernel = lambda q, k, v: splash.attention(
         q, k, v, jnp.asarray(segments), causal=causal, window=window, scale=1 / np.sqrt(D),
-        interpret=True)
+        interpret=KERNEL == "splash_interpret")
     reference = reference_attention(segments, causal, window)
     widened = [x.astype(jnp.float32) for x in (q, k, v)]
     got = jax.jit(lambda *a: output_and_grads(kernel, *a, segments))(q, k, v, cotangent)
@@ -117,7 +121,9 @@ def test_decoder_with_splash_under_a_mesh_equals_einsum_on_one_device(decoder):
     positions = np.concatenate([np.arange(90), np.arange(70), np.arange(60), np.zeros(36)])
     positions = np.stack([positions, np.arange(T)]).astype(np.int32)
     logits = lambda model: model(ids, segment_ids=PACKED, positions=positions).logits
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 2}, devices=jax.devices()[:4])
+    split = 2 if len(jax.devices()) >= 4 else 1  # 8 simulated CPU devices; a GPU host: maybe 1.
+    mesh = sharding.make_mesh({"data": 1, "fsdp": split, "tensor": split},
+                              devices=jax.devices()[:split * split])
     kernel = decoder(KERNEL)
     with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
         got = jax.jit(logits)(kernel)
@@ -138,17 +144,23 @@ def test_cudnn_mask_arguments_give_the_reference_mask(case):
     """The lengths / causal flag / window handed to cuDNN, given to XLA's implementation of the
     same function, attend as the einsum reference does over segment ids."""
     causal, window, heads, kv_heads = CUDNN_CASES[case]
-    q, k, v, _ = random_inputs(heads, kv_heads, jnp.float32, seed=1)
+    dtype = jnp.bfloat16 if BACKEND == "gpu" else jnp.float32
+    q, k, v, _ = random_inputs(heads, kv_heads, dtype, seed=1)
 
     @jax.jit
-    def xla_with_cudnn_arguments(q, k, v, segments):
+    def with_cudnn_arguments(q, k, v, segments):
+        if BACKEND == "gpu":  # The kernel itself.
+            return cudnn.attention(q, k, v, segments, causal=causal, window=window,
+                                   scale=1 / np.sqrt(D))
         arguments = cudnn.mask_arguments(segments, causal=causal, window=window)
         return jax.nn.dot_product_attention(q, k, v, implementation="xla", **arguments)
 
-    got = xla_with_cudnn_arguments(q, k, v, jnp.asarray(PADDED))
-    want = jax.jit(reference_attention(PADDED, causal, window))(q, k, v)
+    got = with_cudnn_arguments(q, k, v, jnp.asarray(PADDED)).astype(jnp.float32)
+    widened = [x.astype(jnp.float32) for x in (q, k, v)]
+    want = jax.jit(reference_attention(PADDED, causal, window))(*widened)
     real = (PADDED > 0)[:, :, None, None]
-    assert max_relative_error(jnp.where(real, got, 0), jnp.where(real, want, 0)) < 1e-6
+    error = max_relative_error(jnp.where(real, got, 0), jnp.where(real, want, 0))
+    assert error < (TOLERANCE[dtype] if BACKEND == "gpu" else 1e-6)
 
 
 def test_cudnn_refuses_packed_rows_at_run_time():
@@ -165,7 +177,10 @@ def test_cudnn_refuses_packed_rows_at_run_time():
 def test_kernels_name_the_fallback_when_they_cannot_run(decoder):
     ids = jnp.ones((1, T), jnp.int32)
     trace = lambda model, ids, **kwargs: jax.eval_shape(lambda: model(ids, **kwargs).logits)
-    for impl, device in (("splash", "needs a TPU"), ("cudnn", "needs an NVIDIA GPU")):
+    for impl, platform, device in (("splash", "tpu", "needs a TPU"),
+                                   ("cudnn", "gpu", "needs an NVIDIA GPU")):
+        if platform == BACKEND:  # Runs here: nothing to refuse.
+            continue
         with pytest.raises(ValueError, match=f"{device}.*attention_impl='xla'"):
             trace(decoder(impl), ids)
     interpret = decoder(KERNEL)
