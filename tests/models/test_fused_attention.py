@@ -38,7 +38,9 @@ SPLASH_CASES = {
     "bidirectional-padded-gqa1": (PADDED, False, None, 2, 2, jnp.float32),
     "causal-packed-gqa2-bf16": (PACKED, True, None, 4, 2, jnp.bfloat16),
 }
-TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}  # Of the largest magnitude compared.
+# Of the largest magnitude compared (measured on the CPU: 1.1e-6 and 3.8e-3). TPU and GPU
+# matrix units multiply float32 in bfloat16 passes at the default precision.
+TOLERANCE = {jnp.float32: 1e-5 if BACKEND == "cpu" else 1e-2, jnp.bfloat16: 1e-2}
 
 
 def random_inputs(heads, kv_heads, dtype, seed=0):
@@ -129,7 +131,8 @@ def test_decoder_with_splash_under_a_mesh_equals_einsum_on_one_device(decoder):
         got = jax.jit(logits)(kernel)
     want = jax.jit(logits)(decoder("einsum"))
     real = (PACKED > 0)[..., None]
-    assert max_relative_error(jnp.where(real, got, 0), jnp.where(real, want, 0)) < 2e-5
+    error = max_relative_error(jnp.where(real, got, 0), jnp.where(real, want, 0))
+    assert error < TOLERANCE[jnp.float32]
 
 
 CUDNN_CASES = {  # name: (causal, window, query heads, key/value heads)
