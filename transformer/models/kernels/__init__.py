@@ -44,8 +44,8 @@ def check_supported(impl: str, *, bias: bool = False, dropout: bool = False,
         ("a position bias (T5's relative attention bias)", bias),
         ("attention dropout (attention_dropout_rate > 0)", dropout),
         ("returned attention weights (output_attentions)", return_weights),
-        ("a dense attention mask (encoder-decoder cross-attention, or a caller's own mask)",
-         dense_mask),
+        ("attention without segment ids (a dense mask or none: encoder-decoder models, or a "
+         "direct call of dot_product_attention)", dense_mask),
     ) if asked]
     if unsupported:
         raise ValueError(f"attention_impl={impl!r} (a fused kernel) does not support "

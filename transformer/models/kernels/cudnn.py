@@ -5,7 +5,7 @@ an explicit boolean mask would send it to a slower path, so none is built. The l
 the segment ids, which must therefore hold one sequence a row, padded on the right
 (1 … 1 0 … 0): packed rows (several segments) have no such form in this API, and are refused at
 run time with an error (use attention_impl='xla', or batches without packing). Query rows past a
-row's length (padding) are not computed as the reference computes them; they are never used.
+row's length (padding) are not computed as the reference computes them (as with splash.py).
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ are native (query heads a multiple of key/value heads). The backward pass is the
 Under a mesh the kernel runs per device in `shard_map` (a Pallas call is not partitioned by XLA's
 SPMD partitioner): batch and heads split as the activations are, the whole sequence on each.
 Padding queries (segment 0) attend to the other padding tokens, not to every real key as in the
-reference: their outputs differ, and are never used (losses weigh them 0).
+reference: their outputs differ. Losses weigh them 0, except extractive QA's softmax over all
+positions of an encoder (padding included): use attention_impl='xla' there for parity with the
+Hugging Face models.
 """
 
 from __future__ import annotations
