@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from transformer.models import context_parallel, lora
+from transformer.models import context_parallel, kernels, lora
 from transformer.models import positions as pos
 from transformer.models.common import dropout, dtype_of, param
 from transformer.models.config import ModelConfig
@@ -61,7 +61,7 @@ def dot_product_attention(
 
     `impl='einsum'` is the textbook computation (softmax in float32); `impl='xla'` calls
     `jax.nn.dot_product_attention` with its default implementation, XLA's own fused attention
-    (cuDNN flash attention is `implementation='cudnn'`, compared in benchmarks/accelerator.py). Attention
+    (the fused kernels, `transformer.models.kernels`, take segment ids instead of a mask). Attention
     dropout and returning the weights need the explicit weights, so they use the einsum path.
     `bias` [B or 1, H, T, S] is added to the logits (T5's relative positions); `scale` multiplies
     them (default 1/√D; T5 uses 1).
@@ -72,6 +72,9 @@ def dot_product_attention(
     kv_heads, kv_len = (key.shape[1], key.shape[2]) if heads_first else (key.shape[2], key.shape[1])
     scale = 1.0 / math.sqrt(depth) if scale is None else scale
     training_dropout = dropout_rate > 0.0 and dropout_rng is not None
+    if kernels.is_fused(impl):  # They take segment ids (a TokenLayout), not a dense mask.
+        kernels.check_supported(impl, bias=bias is not None, dropout=training_dropout,
+                                return_weights=return_weights, dense_mask=True)
     if impl == "xla" and not (training_dropout or return_weights or heads_first):
         bias = None if bias is None else bias.astype(query.dtype)
         out = jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask, scale=scale)
@@ -189,7 +192,24 @@ class MultiHeadAttention(nnx.Module):
             cache = KVCache(write(cache.key, k), write(cache.value, v))
             k, v = cache.key, cache.value
 
-        if isinstance(mask, context_parallel.TokenLayout):  # The sequence split over devices.
+        impl = cfg.attention_impl
+        if cache is not None and kernels.is_fused(impl):
+            # Decoding steps attend a few queries over the cache: no T × T scores to avoid.
+            impl = "xla"
+        if isinstance(mask, context_parallel.TokenLayout) and kernels.is_fused(impl):
+            if context_parallel.active():
+                raise ValueError(
+                    f"attention_impl={impl!r} does not combine with context parallelism yet (ring "
+                    "attention computes its blocks itself); set model.attention_impl='xla' with a "
+                    "'context' mesh axis, or mesh.context=1 for the kernel")
+            kernels.check_supported(
+                impl, bias=bias is not None, return_weights=return_weights,
+                dropout=cfg.attention_dropout_rate > 0 and dropout_rng is not None)
+            y, weights = kernels.attention(
+                q, k, v, mask.segment_ids, causal=mask.causal, window=mask.window,
+                scale=1.0 / math.sqrt(cfg.dim_per_head) if cfg.scaled_attention else 1.0,
+                impl=impl), None
+        elif isinstance(mask, context_parallel.TokenLayout):  # The sequence split over devices.
             if bias is not None or not cfg.scaled_attention:
                 raise ValueError("context parallelism supports scaled attention without a "
                                  "position bias (not T5's relative bias); use a mesh without "
@@ -200,7 +220,7 @@ class MultiHeadAttention(nnx.Module):
         else:
             y, weights = dot_product_attention(
                 q, k, v, mask,
-                impl=cfg.attention_impl,
+                impl=impl,
                 heads_first=cache is not None or memory is not None,
                 dropout_rate=cfg.attention_dropout_rate,
                 dropout_rng=dropout_rng,

@@ -9,7 +9,8 @@ from typing import Any
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "sinusoidal", "rope", "relative", "none")
-ATTENTION_IMPLS = ("einsum", "xla")
+# 'splash', 'splash_interpret', 'cudnn': fused kernels (transformer/models/kernels/).
+ATTENTION_IMPLS = ("einsum", "xla", "splash", "splash_interpret", "cudnn")
 CONTEXT_STRATEGIES = ("ring", "all_gather")  # transformer/models/context_parallel.py
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ARCHITECTURES = ("encoder", "decoder", "encoder_decoder")
@@ -68,7 +69,8 @@ class ModelConfig:
     embedding_norm: bool = False  # Norm right after the embeddings (BERT).
     dropout_rate: float = 0.0  # Dropout on embeddings and residual branches.
     attention_dropout_rate: float = 0.0  # Dropout on the attention weights.
-    attention_impl: str = "xla"  # 'einsum' (reference) or 'xla' (jax.nn.dot_product_attention).
+    attention_impl: str = "xla"  # 'einsum' (reference) or 'xla' (jax.nn.dot_product_attention);
+    # fused kernels: 'splash' (TPU), 'cudnn' (GPU), 'splash_interpret' (tests) (models/kernels/).
     sliding_window: int | None = None  # Decoders: each token sees itself and the previous W-1.
     # Under a 'context' mesh axis (the sequence split over devices): 'ring' passes key/value
     # blocks around the devices, 'all_gather' gathers them all (transformer/models/context_parallel.py).

@@ -63,8 +63,9 @@ def active() -> bool:
 
 def layout(config: ModelConfig, segment_ids: jax.Array, positions: jax.Array, *,
            causal: bool) -> TokenLayout:
-    """The token layout a model passes to its attention layers under context parallelism."""
-    balanced = causal and config.context_load_balance
+    """The token layout a model passes to its attention layers under context parallelism (or
+    to a fused kernel, `transformer.models.kernels`, on one device: never load balanced)."""
+    balanced = causal and config.context_load_balance and active()
     check_length(segment_ids.shape[1], sharding.context_size(), balanced)
     window = config.sliding_window if causal else None
     return TokenLayout(segment_ids, positions, causal, window, balanced)
@@ -134,15 +135,8 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, tokens: TokenL
         raise ValueError(
             f"context parallelism needs the logical axis 'length' mapped to the mesh axis {AXIS!r} "
             f"alone; the rules map it to {rules.get('length')}: use ('length', {AXIS!r})")
-    names = ("batch", "length", "act_heads", None)
-    q_spec = sharding.logical_to_spec(names, rules, query.shape, mesh)
-    kv_spec = sharding.logical_to_spec(names, rules, key.shape, mesh)
-    if kv_spec[2] != q_spec[2]:
-        # Key/value heads that do not split like the query heads (fewer than the tensor axis):
-        # each query head gets its own copy, so every device holds the keys of its queries.
-        groups = query.shape[2] // key.shape[2]
-        key, value = (jnp.repeat(x, groups, axis=2) for x in (key, value))
-        kv_spec = q_spec
+    q_spec, key, value = split_like_queries(query, key, value, rules, mesh)
+    kv_spec = q_spec
     token_spec = PartitionSpec(q_spec[0], q_spec[1])
     body = {"ring": _ring, "all_gather": _all_gather}[strategy]
     attend = functools.partial(body, context=context, causal=tokens.causal, window=tokens.window,
@@ -151,6 +145,20 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, tokens: TokenL
         attend, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, token_spec, token_spec),
         out_specs=q_spec, check_vma=False,
     )(query, key, value, tokens.segment_ids, tokens.positions)
+
+
+def split_like_queries(query: jax.Array, key: jax.Array, value: jax.Array, rules, mesh
+                       ) -> tuple[PartitionSpec, jax.Array, jax.Array]:
+    """(the spec of query [B,T,H,D] under `rules`, key, value [B,T,K,D]) such that the key and
+    value split with that spec too: for shard_map bodies that attend a device's query heads."""
+    names = ("batch", "length", "act_heads", None)
+    q_spec = sharding.logical_to_spec(names, rules, query.shape, mesh)
+    if sharding.logical_to_spec(names, rules, key.shape, mesh)[2] != q_spec[2]:
+        # Key/value heads that do not split like the query heads (fewer than the tensor axis):
+        # each query head gets its own copy, so every device holds the keys of its queries.
+        groups = query.shape[2] // key.shape[2]
+        key, value = (jnp.repeat(x, groups, axis=2) for x in (key, value))
+    return q_spec, key, value
 
 
 # --- Per device (inside shard_map): q [b, t, h, d], k/v [b, t, k, d], tokens [b, t]. ---------

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from transformer.models import context_parallel
+from transformer.models import context_parallel, kernels
 from transformer.models.attention import KVCache, make_attention_mask
 from transformer.models.blocks import LayerStack
 from transformer.models.common import dropout, dtype_of, param, split_rng
@@ -89,7 +89,7 @@ class Encoder(nnx.Module):
         if cfg.embedding_norm:
             x = self.embedding_norm(x)
         x = dropout(x, cfg.dropout_rate, embed_rng)
-        if context_parallel.active():
+        if context_parallel.active() or kernels.is_fused(cfg.attention_impl):
             mask = context_parallel.layout(cfg, segments, positions, causal=False)
         else:
             mask = make_attention_mask(segments, segments, causal=False)
@@ -162,7 +162,8 @@ class Decoder(nnx.Module):
         embed_rng, stack_rng = split_rng(dropout_rng, 2)
         x = self.embeddings(input_ids, positions, token_type_ids, inputs_embeds)
         x = dropout(x, cfg.dropout_rate, embed_rng)
-        if cache is None and context_parallel.active():  # The tokens may be laid out zig-zag.
+        if cache is None and (context_parallel.active() or kernels.is_fused(cfg.attention_impl)):
+            # Segment ids and positions instead of a mask; the tokens may be laid out zig-zag.
             mask = context_parallel.layout(cfg, segments, positions, causal=True)
         elif cache is None:
             mask = make_attention_mask(segments, segments, causal=True, window=cfg.sliding_window)
