@@ -173,8 +173,8 @@ def check(config: ml_collections.ConfigDict) -> None:
     if config.objective == "lm" and config.data.objective != "causal":
         raise ValueError(
             f"dp.enabled with objective='lm' needs data.objective='causal' (got "
-            f"{config.data.objective!r}): masked-LM masking draws across the batch; fine-tune a "
-            "causal LM, or a masked LM on a classification task")
+            f"{config.data.objective!r}): masked-LM masking runs on packed batches, not on one "
+            "record a row; fine-tune a causal LM, or a masked LM on a classification task")
     if config.objective in GROUPED_OBJECTIVES and dp.windows_per_example < 1:
         raise ValueError(f"dp.windows_per_example must be ≥ 1, got {dp.windows_per_example}")
     if not dp.clip_norm > 0:
