@@ -107,7 +107,8 @@ def test_sft_end_to_end_reports_the_accountants_epsilon(tmp_path):
 
     config = load_recipe("sft", "ci,dp")
     config.data.update(max_length=96, prefetch_buffer_size=0)
-    config.model.update(num_layers=1, max_length=96)
+    config.model.update(num_layers=1, max_length=96, hidden_size=32, num_heads=2, num_kv_heads=1,
+                        mlp_dim=64)
     config.num_train_steps, config.eval_every = 2, 0
     result = trainer.train_and_evaluate(config, tmp_path / "run")
     resolved, metrics = result["config"].dp, result["metrics"]
@@ -173,6 +174,8 @@ def test_qa_windows_of_one_question_are_clipped_as_one_unit(qa):
     assert np.linalg.norm(gap) <= clip * (1 + 1e-5)  # Not 2C, as two clipped windows would move it.
     with pytest.raises(ValueError, match="3 windows, more than dp.windows_per_example=2"):
         poisson.PoissonBatch([qa_windows(3, 4)], 1, 1.0, 4, 0, windows=2)(0)
+    with pytest.raises(ValueError, match="1 training questions have more than dp.windows_per_exa"):
+        poisson.check_windows([qa_windows(1, 5), qa_windows(3, 4)], 2)  # Before training.
 
 
 @pytest.mark.parametrize("objective, changes, message", [

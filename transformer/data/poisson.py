@@ -96,6 +96,22 @@ def _without_host_keys(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in f.items() if k not in pipeline.HOST_KEYS} for f in features]
 
 
+def check_windows(features: grain.MapDataset, windows: int) -> None:
+    """Every question must fit its block of `windows` rows: checked once before training (it
+    tokenizes the split), not when a question is first sampled hours into a run."""
+    from tqdm import tqdm
+
+    counts = np.array([len(features[i]) for i in tqdm(range(len(features)), desc="QA windows",
+                                                       unit="question", mininterval=5)])
+    if counts.max() > windows:
+        raise ValueError(
+            f"{(counts > windows).sum()} training questions have more than dp.windows_per_example="
+            f"{windows} windows (at most {counts.max()}): raise dp.windows_per_example to "
+            f"{counts.max()}, or data.max_length / data.doc_stride so that contexts need fewer")
+    logging.info("DP-SGD: a question is a block of %d windows (%.2f used on average, at most %d)",
+                 windows, counts.mean(), counts.max())
+
+
 def count_examples(config: ml_collections.ConfigDict, split: str, fmt: str | None) -> int:
     """Records in `split` (every one an example of a one-feature-per-example task)."""
     return len(pipeline.open_source(config, split, fmt))
@@ -117,10 +133,11 @@ def create_poisson_dataset(
     pre = pipeline._preprocessor(config, tokenizer)
     records = grain.MapDataset.source(pipeline.open_source(config, split, pre.task.local_format))
     features = records.map(sources.decode_strings).map(pre)
-    if pre.task.kind == "qa":
-        features = features.map(_without_host_keys)
     if not len(features):
         raise ValueError(f"the {split!r} split of {config.task!r} has no examples")
+    if pre.task.kind == "qa":
+        features = features.map(_without_host_keys)
+        check_windows(features, windows)
     return sampled_batches(features, config, sampling_rate, process_index, process_count,
                            windows=windows if pre.task.kind == "qa" else 0)
 
