@@ -18,7 +18,8 @@ peft folder: `PeftModel.from_pretrained(base, WORKDIR/adapter)`) and WORKDIR/mer
 folded into the weights). A tokenizer without a chat template gets `data.chat_template` ('plain':
 User:/Assistant: turns ended by its own eos token; 'inst': [INST] turns). Variants: default
 (SQuAD v1.1 under $TRANSFORMER_DATA/squad/, 8,000 training questions, 500 held-out), `ci` (a
-tiny random Llama on the repository's SQuAD sample, a few steps).
+tiny random Llama on the repository's SQuAD sample, a few steps), `dp` (DP-SGD at ε = 8, one
+conversation a privacy unit and a row; README "Private fine-tuning"; e.g. `ci,dp`).
 """
 
 from configs.variants import parse as parse_variants
@@ -27,7 +28,7 @@ from transformer.train.config import base_config
 
 
 def get_config(arg: str = "squad"):
-    variants = parse_variants(arg, ["squad", "ci"], "sft")
+    variants = parse_variants(arg, ["squad", "ci", "dp"], "sft")
     c = base_config("llama-tiny")
     c.objective = "sft"
     c.init_from = ""  # The decoder checkpoint to adapt (its tokenizer/ is used).
@@ -55,6 +56,9 @@ def get_config(arg: str = "squad"):
     c.eval_every = 100
     c.checkpoint_every = 100
     c.keep_checkpoints = 1
+    if "dp" in variants:  # DP-SGD: LoRA only (the documented way to keep the noise small).
+        c.dp.update(enabled=True, target_epsilon=8.0, clip_norm=1.0, microbatch_size=16)
+        c.data.global_batch_size = 64  # The expected Poisson batch (conversations a step).
     if "ci" in variants:
         c.model.update(dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128,
                             max_length=128, vocab_size=32000, lora_rank=4))
@@ -66,4 +70,6 @@ def get_config(arg: str = "squad"):
         c.data.global_batch_size = 8
         c.num_train_steps, c.warmup_steps = 6, 2
         c.log_every, c.eval_every, c.checkpoint_every = 2, 3, 3
+        if "dp" in variants:
+            c.dp.update(expected_batch_size=4, microbatch_size=8)  # 8: the CPU test devices.
     return c

@@ -284,10 +284,11 @@ def test_bad_dp_configs_fail_with_the_field_and_the_fix(changes, message):
         dp.resolve(config, lambda: 1000)
 
 
-def test_private_training_refuses_objectives_whose_rows_are_not_examples_and_unreachable_targets():
-    config = finetune_config("qa", "squad")
+def test_private_training_refuses_objectives_it_does_not_clip_by_example_and_unreachable_targets():
+    config = finetune_config("classification", "sst2")
+    config.objective = "distill_classification"
     config.dp.update(enabled=True, noise_multiplier=1.0)
-    with pytest.raises(ValueError, match="QA windows and packed LM rows are not examples"):
+    with pytest.raises(ValueError, match="clips one training example at a time"):
         dp.resolve(config, lambda: 1000)
     config = finetune_config("classification", "sst2")
     config.num_train_steps = 10_000

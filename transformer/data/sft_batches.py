@@ -60,9 +60,20 @@ def lm_batch(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def read_rows(config: ml_collections.ConfigDict, split: str, tokenizer: Tokenizer
               ) -> tuple[list[dict[str, np.ndarray]], Report]:
-    """Packed rows of the file(s) `config.local_files[split]` (comma-separated): JSONL
-    conversations, or SQuAD questions with `local_format='squad'` (`instructions`); at most
-    `sft_max_examples` (training) or `sft_max_eval_examples` of them per file (0 = all)."""
+    """Packed rows of the conversations of `read_examples`, in a shuffled order."""
+    examples, report = read_examples(config, split, tokenizer)
+    if config.shuffle:  # Packed neighbours differ from file order; the row order is shuffled too.
+        order = np.random.default_rng(config.seed).permutation(len(examples))
+        examples = [examples[i] for i in order]
+    return pack_conversations(examples, config.max_length), report
+
+
+def read_examples(config: ml_collections.ConfigDict, split: str, tokenizer: Tokenizer
+                  ) -> tuple[list[dict[str, np.ndarray]], Report]:
+    """The conversations (`tokens`, `loss_weights`) of the file(s) `config.local_files[split]`
+    (comma-separated): JSONL conversations, or SQuAD questions with `local_format='squad'`
+    (`instructions`); at most `sft_max_examples` (training) or `sft_max_eval_examples` of them
+    per file (0 = all), in file order."""
     files = config.local_files.to_dict()
     if split not in files:
         raise KeyError(f"config.data.local_files has no split {split!r} (SFT reads JSONL files "
@@ -79,10 +90,7 @@ def read_rows(config: ml_collections.ConfigDict, split: str, tokenizer: Tokenize
             tokenizer, config.max_length, on_error=config.on_error, report=report)]
     if not examples:
         raise ValueError(f"SFT split {split!r} ({paths}) has no usable conversation")
-    if config.shuffle:  # Packed neighbours differ from file order; the row order is shuffled too.
-        order = np.random.default_rng(config.seed).permutation(len(examples))
-        examples = [examples[i] for i in order]
-    return pack_conversations(examples, config.max_length), report
+    return examples, report
 
 
 def create_sft_dataset(

@@ -65,11 +65,14 @@ def load_hf_model(
     dtype: str | None = None,
     param_dtype: str | None = None,
     read_elsewhere: Collection[str] = (),
+    without_lm_head: bool = False,
 ) -> Encoder | Decoder:
     """Our model with the weights of an HF folder; sharded by `rules` over `mesh` when given.
 
     `dtype` sets the compute dtype and `param_dtype` the storage dtype (default float32).
     `read_elsewhere` names tensors the caller reads itself (a task head), not reported unused.
+    `without_lm_head`: a decoder backbone whose logits nothing reads (a classifier's, which has
+    no lm_head tensor), built with the output embedding tied so that none is needed.
     """
     folder = pathlib.Path(folder)
     hf = read_hf_config(folder)
@@ -78,6 +81,8 @@ def load_hf_model(
     names = reader.names()
     config = _config_from_hf(family, hf, names, folder)
     overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
+    if without_lm_head:
+        overrides["tie_embeddings"] = True
     config = config.replace(**overrides)
     _check_experts(config, reader, family.prefix(names))
     specs = families.specs_for(family, config, family.prefix(names), names)

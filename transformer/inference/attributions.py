@@ -16,6 +16,11 @@ baseline replaces the token embeddings only (`baseline_embeddings`: zero vectors
 such as [PAD], special tokens kept). A token's score is the sum of its attributions over the
 embedding dimension. Integrated gradients use Captum's quadratures (default Gauss-Legendre); the
 steps run in chunks of `chunk_size` interpolated batches inside one jitted `lax.scan`.
+
+`Attributor(model, mesh=mesh)` splits the batch over the mesh's batch axes (data × fsdp × expert,
+`sharding.DEFAULT_RULES`), the parameters replicated: every example's attributions depend on its
+own row only, so each device explains its own examples. A batch that the devices do not divide is
+padded with copies of its last example, which are dropped from the results.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from transformer import sharding
 from transformer.models import Decoder, Encoder
 from transformer.models.heads import TaskModel
 
@@ -93,7 +100,7 @@ class Attributor:
     """Attributions of one model's predictions; the jitted functions are built once per model
     and compile once per input shape, step count and chunk size."""
 
-    def __init__(self, model: Any, output: str = "logit"):
+    def __init__(self, model: Any, output: str = "logit", mesh: Mesh | None = None):
         if output not in OUTPUTS:
             raise ValueError(f"output={output!r} is not one of {list(OUTPUTS)}")
         self.kind = model_kind(model)
@@ -103,8 +110,33 @@ class Attributor:
         self.num_outputs = (self.backbone.config.vocab_size if self.kind == "lm"
                             else model.head_config.num_labels)
         self.graphdef, self.state = nnx.split(model)
+        self.mesh = mesh
+        if mesh is not None:  # Replicated: the batch, not the model, is what is split.
+            self.state = jax.device_put(self.state, NamedSharding(mesh, PartitionSpec()))
         self._integrated = jax.jit(self._integrated_impl, static_argnames="chunk")
         self._gradient = jax.jit(self._gradient_impl)
+
+    # ------------------------------------------------------------------------------- the mesh
+
+    def _rows(self, batch: int) -> int:
+        """Rows the batch is padded to: a multiple of the mesh's batch devices."""
+        devices = 1 if self.mesh is None else sharding.batch_devices(self.mesh)
+        return -(-batch // devices) * devices
+
+    def _on_mesh(self, function: Any, batch: int, sharded: tuple, replicated: tuple = (),
+                 **static: Any) -> tuple[np.ndarray, ...]:
+        """`function(state, *sharded, *replicated)` with the `sharded` arrays (leading dim
+        `batch`) padded and split over the mesh's batch axes; outputs cut back to `batch`."""
+        if self.mesh is None:
+            return tuple(map(np.asarray, function(self.state, *sharded, *replicated, **static)))
+        rows = self._rows(batch)
+        spec = sharding.logical_to_spec(("batch",), sharding.DEFAULT_RULES, (rows,), self.mesh)
+        place = lambda a: jax.device_put(
+            jnp.concatenate([a, jnp.repeat(a[-1:], rows - batch, axis=0)]),
+            NamedSharding(self.mesh, spec))
+        with sharding.use_mesh(self.mesh, sharding.DEFAULT_RULES):
+            out = function(self.state, *map(place, sharded), *replicated, **static)
+        return tuple(np.asarray(o)[:batch] for o in out)
 
     # ------------------------------------------------------------------------------- inputs
 
@@ -275,10 +307,10 @@ class Attributor:
         padded = -(-steps // chunk) * chunk  # Extra steps weigh 0.
         alphas = np.pad(alphas, (0, padded - steps)).reshape(-1, chunk)
         weights = np.pad(weights, (0, padded - steps)).reshape(-1, chunk)
-        attributions, score, base, labels = map(np.asarray, self._integrated(
-            self.state, inputs, baselines, ids, mask, types, jnp.asarray(positions),
-            jnp.asarray(labels), jnp.asarray(alphas, inputs.dtype),
-            jnp.asarray(weights, inputs.dtype), chunk=chunk))
+        attributions, score, base, labels = self._on_mesh(
+            self._integrated, len(ids),
+            (inputs, baselines, ids, mask, types, jnp.asarray(positions), jnp.asarray(labels)),
+            (jnp.asarray(alphas, inputs.dtype), jnp.asarray(weights, inputs.dtype)), chunk=chunk)
         delta = attributions.reshape(len(score), -1).sum(1) - (score - base)
         return Attribution("integrated_gradients", attributions, attributions.sum(-1), score,
                            positions, labels, base, delta)
@@ -288,8 +320,8 @@ class Attributor:
         """Gradient × input (Shrikumar et al. 2016) at the input's token embeddings."""
         ids, mask, types = self._batch(input_ids, attention_mask, token_type_ids)
         positions, labels = self.resolve_target(ids, mask, target)
-        attributions, score, labels = map(np.asarray, self._gradient(
-            self.state, self.token_embeddings(ids), ids, mask, types, jnp.asarray(positions),
+        attributions, score, labels = self._on_mesh(self._gradient, len(ids), (
+            self.token_embeddings(ids), ids, mask, types, jnp.asarray(positions),
             jnp.asarray(labels)))
         return Attribution("grad_x_input", attributions, attributions.sum(-1), score, positions,
                            labels)

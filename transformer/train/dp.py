@@ -12,9 +12,16 @@ not the batch. The division is by the expected batch size, never the realized on
 size depends on the private data. The accountant composes `steps` Poisson-subsampled Gaussian
 mechanisms with sampling rate q = expected_batch_size / n (add-or-remove-one neighbours).
 
-The unit of privacy is one feature row: tasks whose examples are one row each (classification,
-token classification, relation). QA splits long contexts into windows and LM pretraining packs
-documents, so their rows are not examples; they are refused.
+The unit of privacy is one training example (a record of the training split):
+- classification, token classification, relation: one row each;
+- causal LM fine-tuning (`lm`) and SFT: one document or conversation each, a row of its own
+  (never packed), truncated or padded to `data.max_length` (transformer/data/dp_records.py). Its
+  loss is the mean over its target tokens, so its gradient norm does not grow with its length and
+  clipping treats long and short records alike (a sum would clip long records harder, and C
+  would have to be chosen per length);
+- extractive QA: one question, whose context may give several windows. Its windows travel
+  together (a [dp.windows_per_example, ...] block, padded with weight-0 windows): the gradient
+  of the sum of their losses is clipped once, so one question moves the sum by at most C.
 """
 
 from __future__ import annotations
@@ -33,8 +40,12 @@ import ml_collections
 import numpy as np
 from ml_collections.config_dict import placeholder
 
-# Objectives whose training rows are one example each (the unit the guarantee is about).
-PRIVATE_OBJECTIVES = ("classification", "token_classification", "relation")
+# Objectives whose training examples are clipped one by one (the unit the guarantee is about).
+PRIVATE_OBJECTIVES = ("classification", "token_classification", "relation", "qa", "lm", "sft")
+# Objectives whose per-example loss is the mean over its tokens, not the sum (see above).
+TOKEN_MEAN_OBJECTIVES = ("lm", "sft")
+# Objectives whose example is a block of rows (QA windows), clipped as one unit.
+GROUPED_OBJECTIVES = ("qa",)
 # Physical batch = expected + this many standard deviations of the Poisson batch size (rounded up):
 # a draw overflows it with probability ~3e-7 a step (then it is truncated, counted and logged).
 BATCH_MARGIN_STDS = 5.0
@@ -57,6 +68,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.microbatch_size = 16  # Examples whose per-example gradients are held at once (0 = all).
     c.physical_batch_size = 0  # Padded rows a step; 0 = expected + 5 standard deviations.
     c.dataset_size = 0  # n, training examples (0 = counted from the training split).
+    # QA: rows (windows) an example's block holds; a question with more is an error.
+    c.windows_per_example = 4
     return c
 
 
@@ -155,9 +168,15 @@ def check(config: ml_collections.ConfigDict) -> None:
     dp = config.dp
     if config.objective not in PRIVATE_OBJECTIVES:
         raise ValueError(
-            f"dp.enabled with objective={config.objective!r}: DP-SGD here protects one example "
-            f"per training row, which holds for {list(PRIVATE_OBJECTIVES)} only (QA windows and "
-            "packed LM rows are not examples)")
+            f"dp.enabled with objective={config.objective!r}: DP-SGD here clips one training "
+            f"example at a time, which is built for {list(PRIVATE_OBJECTIVES)} only")
+    if config.objective == "lm" and config.data.objective != "causal":
+        raise ValueError(
+            f"dp.enabled with objective='lm' needs data.objective='causal' (got "
+            f"{config.data.objective!r}): masked-LM masking runs on packed batches, not on one "
+            "record a row; fine-tune a causal LM, or a masked LM on a classification task")
+    if config.objective in GROUPED_OBJECTIVES and dp.windows_per_example < 1:
+        raise ValueError(f"dp.windows_per_example must be ≥ 1, got {dp.windows_per_example}")
     if not dp.clip_norm > 0:
         raise ValueError(f"dp.clip_norm must be > 0 (the per-example gradient norm bound C), "
                          f"got {dp.clip_norm}")
@@ -193,7 +212,7 @@ def resolve(config: ml_collections.ConfigDict, dataset_size: Callable[[], int],
     check(config)
     config = ml_collections.ConfigDict(config.to_dict())
     dp = config.dp
-    if config.data.pack_examples:
+    if config.data.pack_examples and config.objective not in TOKEN_MEAN_OBJECTIVES:
         logging.info("dp.enabled: data.pack_examples switched off (per-example gradients need "
                      "one example per row)")
         config.data.pack_examples = False
@@ -230,16 +249,22 @@ def resolve(config: ml_collections.ConfigDict, dataset_size: Callable[[], int],
 def clipped_gradient_sum(
     grad_fn: Callable, params: Any, frozen: Any, microbatches: dict[str, jax.Array],
     rngs: jax.Array | None, clip_norm: float, spmd_axis_name: Any = None, extra: tuple = (),
+    token_mean: bool = False, grouped: bool = False,
 ) -> tuple[Any, dict[str, jax.Array], jax.Array]:
     """(Σ_i clip_C(∇ℓ_i), Σ_i loss sums, per-example gradient norms [count, microbatch]).
 
     `grad_fn(params, frozen, batch, rng, *extra) → ((loss_sum, sums), grads)` on a one-example
-    batch; `microbatches` has leading dims [count, microbatch]; `rngs` one key per example (or
-    None: no dropout). Examples with weight 0 (padding) contribute exactly nothing."""
+    batch; `microbatches` has leading dims [count, microbatch] (`grouped`: [count, microbatch,
+    rows], an example being a block of rows whose summed gradient is clipped once); `rngs` one
+    key per example (or None: no dropout). ℓ_i is the example's loss sum, or with `token_mean`
+    that sum over its weight sum (its tokens). Examples whose weights are all 0 (padding)
+    contribute exactly nothing."""
 
     def one(example: dict[str, jax.Array], rng: jax.Array | None):
-        (_, sums), grads = grad_fn(params, frozen, jax.tree.map(lambda x: x[None], example), rng,
-                                   *extra)
+        batch = example if grouped else jax.tree.map(lambda x: x[None], example)
+        (_, sums), grads = grad_fn(params, frozen, batch, rng, *extra)
+        if token_mean:  # The weight sum is data, not a function of the parameters.
+            grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight_sum"], 1.0), grads)
         return grads, sums
 
     per_example = jax.vmap(one, in_axes=(0, None if rngs is None else 0),
@@ -250,7 +275,8 @@ def clipped_gradient_sum(
         grads, sums = per_example(batch, keys)
         norms = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)),
                                      axis=tuple(range(1, g.ndim))) for g in jax.tree.leaves(grads)))
-        real = (batch["weights"] > 0).astype(jnp.float32)
+        weights = batch["weights"]  # [microbatch] or [microbatch, tokens or rows]
+        real = (weights.reshape(weights.shape[0], -1) > 0).any(axis=1).astype(jnp.float32)
         scale = real * jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-30))
         clipped = jax.tree.map(lambda g: jnp.tensordot(scale, g, axes=1), grads)
         sums = jax.tree.map(lambda s: jnp.sum(s, axis=0), sums)
@@ -301,13 +327,16 @@ def make_private_gradient(grad_fn: Callable, config: ml_collections.ConfigDict,
         noise_rng, dropout_rng = jax.random.split(rng)
         rngs = (jax.random.split(dropout_rng, count * size).reshape(count, size)
                 if use_dropout else None)
-        total, sums, norms = clipped_gradient_sum(grad_fn, params, frozen, microbatches, rngs,
-                                                  clip, spmd_axis_name, extra)
+        total, sums, norms = clipped_gradient_sum(
+            grad_fn, params, frozen, microbatches, rngs, clip, spmd_axis_name, extra,
+            token_mean=config.objective in TOKEN_MEAN_OBJECTIVES,
+            grouped=config.objective in GROUPED_OBJECTIVES)
         stddev = sigma * clip if math.isfinite(clip) else 0.0
         if stddev > 0:
             total = add_noise(total, noise_rng, stddev)
         grads = jax.tree.map(lambda g: g / expected, total)
-        real = (microbatches["weights"] > 0).sum()
+        weights = microbatches["weights"]
+        real = (weights.reshape(count * size, -1) > 0).any(axis=1).sum()
         metrics = {"dp_batch_examples": real,
                    "dp_clipped_fraction": (norms > clip).sum() / jnp.maximum(real, 1)}
         return grads, sums, metrics

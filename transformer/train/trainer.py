@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from transformer import model_io, paths, sharding
-from transformer.data import poisson, task_packing
+from transformer.data import task_packing
 from transformer.data.tokenizer import Tokenizer, load_tokenizer
 from transformer.models import ModelConfig
 from transformer.train import best as best_lib
@@ -58,11 +58,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     distributed.initialize(config)
     workdir = prepare_workdir(workdir)
     config = resolve_config(config)
-    config, accountant = dp.resolve(config, lambda: poisson.count_examples(  # DP-SGD: n, q, σ.
-        config.data, config.data.train_split, objectives.task_of(config).local_format),
-        jax.process_count())
-    privacy = accountant.metrics if accountant else lambda steps: {}  # ε spent after `steps`.
     objective = objectives.get_objective(config.objective)
+    config, accountant = dp.resolve(config, lambda: objective.dataset_size(  # DP-SGD: n, q, σ.
+        config, lambda: get_tokenizer(config)), jax.process_count())
+    privacy = accountant.metrics if accountant else lambda steps: {}  # ε spent after `steps`.
     if objective.resolve is not None:  # E.g. distillation: the student from the teacher's layers.
         config = objective.resolve(config)
     model_config = ModelConfig.from_dict(config.model.to_dict())

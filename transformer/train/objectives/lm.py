@@ -1,7 +1,9 @@
 """Pretraining: causal or masked language modeling (`data.objective`) on packed rows.
 
   lm    the next-token (causal) or masked-token loss; MoE router losses added when the model has
-        experts; evaluation is loss, perplexity and accuracy over the whole eval split
+        experts; evaluation is loss, perplexity and accuracy over the whole eval split. With
+        `dp.enabled` (causal fine-tuning), one document a row, Poisson-sampled
+        (transformer/data/dp_records.py)
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
-from transformer.data import pipeline
+from transformer.data import dp_records, pipeline
 from transformer.data.tokenizer import Tokenizer
 from transformer.models import MODELS, ModelConfig, moe
 from transformer.train import flops
@@ -74,9 +76,21 @@ def _lm_summary(sums):
 
 
 def _lm_data(config, tokenizer, process_index, process_count):
+    if config.dp.enabled:  # DP-SGD: a document a row, Poisson-sampled.
+        records = dp_records.documents(config.data, config.data.train_split, tokenizer)
+        return iter(dp_records.private_batches(records, config.data, _dp_rate(config),
+                                               process_index, process_count))
     return iter(pipeline.create_pretraining_dataset(
         config.data, config.data.train_split, tokenizer=tokenizer,
         process_index=process_index, process_count=process_count))
+
+
+def _dp_rate(config: ml_collections.ConfigDict) -> float:
+    return config.dp.expected_batch_size / config.dp.dataset_size
+
+
+def _lm_dataset_size(config, _tokenizer):
+    return dp_records.count_documents(config.data, config.data.train_split)
 
 
 def _lm_evaluator(config, tokenizer, graphdef, params_sharding, batch_sharding, **_):
@@ -90,7 +104,7 @@ def _lm_head_flops(model_config, config, seq_len):
 
 
 register(Objective("lm", ("batch", "length"), _lm_builder, _lm_loss, _lm_summary, _lm_data,
-                   _lm_evaluator, _lm_head_flops))
+                   _lm_evaluator, _lm_head_flops, dataset_size=_lm_dataset_size))
 
 BEST_METRIC["lm"] = "eval_loss"
 

@@ -42,6 +42,9 @@ class Objective:
     # `init_student(params, params_sharding)`); its model reaches `loss` as `teacher=`.
     resolve: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict] | None = None
     teacher: Callable[..., Any] | None = None
+    # DP-SGD (transformer/train/dp.py): (config, tokenizer loader) → the examples of the training
+    # split, the units the guarantee protects (n of the sampling rate q = expected batch / n).
+    dataset_size: Callable[[ml_collections.ConfigDict, Callable[[], Any]], int] | None = None
 
 
 OBJECTIVES: dict[str, Objective] = {}

@@ -3,7 +3,8 @@ conversations rendered with its tokenizer's chat template (transformer/data/sft.
 
 The loss is the causal LM loss of pretraining, on packed rows of whole conversations whose weights
 cover only the assistant's tokens (transformer/data/sft_batches.py). Combined with LoRA
-(`model.lora_rank`), only the adapters train.
+(`model.lora_rank`), only the adapters train. With `dp.enabled`, one conversation a row, never
+packed, Poisson-sampled (transformer/data/dp_records.py).
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-from transformer.data import sft_batches
+from transformer.data import dp_records, sft_batches
 from transformer.models import ModelConfig
 from transformer.train import flops
 from transformer.train import step as step_lib
-from transformer.train.objectives.lm import _lm_builder, _lm_loss, _lm_summary
+from transformer.train.objectives.lm import _dp_rate, _lm_builder, _lm_loss, _lm_summary
 from transformer.train.objectives.lm import evaluate as evaluate_lm
 from transformer.train.objectives.registry import BEST_METRIC, Objective, get_objective, register
 
@@ -28,6 +29,10 @@ def _builder(model_config: ModelConfig, config: ml_collections.ConfigDict):
 
 
 def _data(config, tokenizer, process_index, process_count):
+    if config.dp.enabled:  # DP-SGD: a conversation a row, Poisson-sampled.
+        records = dp_records.conversations(config.data, config.data.train_split, tokenizer)
+        return iter(dp_records.private_batches(records, config.data, _dp_rate(config),
+                                               process_index, process_count))
     return sft_batches.create_sft_dataset(
         config.data, config.data.train_split, tokenizer=tokenizer,
         process_index=process_index, process_count=process_count)
@@ -46,6 +51,11 @@ def _evaluator(config, tokenizer, graphdef, params_sharding, batch_sharding, **_
     return evaluate
 
 
+def _dataset_size(config, tokenizer):
+    return dp_records.count_conversations(config.data, config.data.train_split, tokenizer())
+
+
 register(Objective("sft", ("batch", "length"), _builder, _lm_loss, _lm_summary, _data, _evaluator,
-                   lambda model_config, config, seq_len: flops.lm_head_flops(model_config)))
+                   lambda model_config, config, seq_len: flops.lm_head_flops(model_config),
+                   dataset_size=_dataset_size))
 BEST_METRIC["sft"] = "eval_loss"

@@ -116,11 +116,16 @@ def _task_data(config, tokenizer, process_index, process_count):
         rate = config.dp.expected_batch_size / config.dp.dataset_size
         return iter(poisson.create_poisson_dataset(
             config.data, config.data.train_split, rate, tokenizer=tokenizer,
-            process_index=process_index, process_count=process_count))
+            process_index=process_index, process_count=process_count,
+            windows=config.dp.windows_per_example))
     return iter(pipeline.create_task_dataset(
         config.data, config.data.train_split, tokenizer=tokenizer,
         process_index=process_index, process_count=process_count,
         pack_row_multiple=pack_row_multiple(config, process_count)))
+
+
+def _task_dataset_size(config, tokenizer):
+    return poisson.count_examples(config.data, config.data.train_split, task_of(config).local_format)
 
 
 def _task_evaluator(config, tokenizer, graphdef, params_sharding, batch_sharding, *,
@@ -138,7 +143,7 @@ def _task_head_flops(model_config, config, seq_len):
 
 for _kind in ("classification", "token_classification", "qa", "relation"):
     register(Objective(_kind, ("batch",), _task_builder, _task_loss, _task_summary, _task_data,
-                       _task_evaluator, _task_head_flops))
+                       _task_evaluator, _task_head_flops, dataset_size=_task_dataset_size))
 
 # The metric that selects the best checkpoint, by task kind (the key the evaluator reports).
 BEST_METRIC.update({"classification": "eval_accuracy", "token_classification": "eval_entity_f1",
