@@ -30,6 +30,7 @@ PNG_OUTPUTS = {
     "02_transformer_step_by_step": 3,  # masks, attention maps, attention of one token
     "03_pretrain_gpt": 1,  # loss curve
     "04_finetune": 1,  # confusion matrix
+    "07_responsible": 3,  # ε against steps, token attributions, CrowS-Pairs scores
 }
 CELL_TIMEOUT_S = 300
 DEAD_PROXY = "http://127.0.0.1:9"  # The discard port: any download fails at once.
@@ -72,9 +73,9 @@ def outputs(notebook: nbformat.NotebookNode) -> list[dict]:
     return [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
 
 
-def test_there_are_five_notebooks():
+def test_there_are_six_notebooks():
     assert NOTEBOOKS == ["01_quickstart", "02_transformer_step_by_step", "03_pretrain_gpt",
-                         "04_finetune", "05_scaling"]
+                         "04_finetune", "05_scaling", "07_responsible"]
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
