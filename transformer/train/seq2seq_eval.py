@@ -6,7 +6,8 @@ decoder loop: greedy, or with `seq2seq.num_beams` > 1 beam search, transformer/i
 and the detokenized outputs are scored against all their references with `seq2seq.metrics`
 (BLEU and chrF by sacreBLEU, ROUGE by rouge-score). Every process builds the
 layout of every process's examples, so all map the global outputs back to examples and compute
-the same metrics; process 0 writes `predictions.jsonl`.
+the same metrics; process 0 writes `predictions.jsonl` (each prediction with its references) and
+`metrics.json`.
 """
 
 from __future__ import annotations
