@@ -1,8 +1,12 @@
-"""Decoding speed of GPT-2 124M here, side by side with Hugging Face's PyTorch `generate`.
+"""Decoding speed of GPT-2 124M (or a T5-small encoder-decoder) here, side by side with Hugging
+Face's PyTorch `generate`.
 
     python benchmarks/decode_throughput.py [--new_tokens=128] [--batches=1,16] [--repeats=2]
     python benchmarks/decode_throughput.py --num_beams=4 --batches=1,8 --new_tokens=32 \
         [--torch_threads=1]
+    python benchmarks/decode_throughput.py --model=t5-small --batches=1,8 --new_tokens=32
+    python benchmarks/decode_throughput.py --model=t5-small --num_beams=4 --batches=1,8 \
+        --new_tokens=32
 
 The same weights on both sides (a GPT-2 124M with a fixed random init, saved as safetensors and
 imported by `transformer.from_pretrained`), the same 32-token prompts of real text, greedy decoding
@@ -17,7 +21,13 @@ max_new_tokens); tokens/s counts the returned best sequence's tokens per input (
 new_tokens / time), and the run checks that the best sequences are identical and reports the
 largest difference of `sequences_scores`.
 
-`dense_products_tokens_per_s` is how fast XLA runs only the matrix products of decoding (every
+--model=t5-small: a T5 v1.0 small (60.5M parameters, 6 + 6 layers, width 512, vocabulary 32128)
+with transformers' own random init (fixed seed), imported as ours; the inputs are 32 random token
+ids per row (the model is random, so real text would tell nothing more); each target starts from
+the decoder start token (ours: `seq2seq_generate` / `seq2seq_beam_generate`, the encoder once,
+then the cached decoder loop; theirs: `T5ForConditionalGeneration.generate`).
+
+`dense_products_tokens_per_s` (GPT-2) is how fast XLA runs only the matrix products of decoding (every
 weight matrix of every layer and the output layer, float32, batch rows per token, in a jitted
 loop; no attention, cache, norms or sampling): a ceiling for any XLA decoder on the machine.
 """
@@ -45,6 +55,7 @@ import transformer  # noqa: E402
 from benchmarks.timing import median_time  # noqa: E402
 from transformer import locations  # noqa: E402
 from transformer.inference import BeamConfig, SamplingConfig, beam_generate, generate  # noqa: E402
+from transformer.inference.seq2seq import seq2seq_beam_generate, seq2seq_generate  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA = locations.data_dir()  # $TRANSFORMER_DATA (docs/data.md)
@@ -84,29 +95,9 @@ def dense_products(model, batch: int, tokens: int = 32) -> float:
     return batch * tokens / median_time(lambda: run(x, per_layer, table).block_until_ready(), 3)
 
 
-def beam_figures(model, reference, ids: np.ndarray, num_beams: int, new_tokens: int,
-                 repeats: int, bar) -> dict:
-    """Beam search side by side: tokens/s of both, identical best sequences, score difference."""
-    import torch
-
-    batch = ids.shape[0]
-    config = BeamConfig(num_beams=num_beams, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                        stop_tokens=(50256,), pad_id=0)
-    rows = [list(r) for r in ids]
-
-    def ours():
-        out = beam_generate(model, rows, config)
-        return out.tokens[:, 0], out.scores[:, 0]
-
-    def theirs():
-        with torch.inference_mode():
-            out = reference.generate(
-                torch.from_numpy(ids.astype(np.int64)), attention_mask=torch.ones(ids.shape),
-                num_beams=num_beams, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                do_sample=False, use_cache=True, eos_token_id=50256, pad_token_id=0,
-                output_scores=True, return_dict_in_generate=True)
-        return out.sequences[:, PROMPT:].numpy(), out.sequences_scores.numpy()
-
+def beam_figures(ours, theirs, batch: int, new_tokens: int, repeats: int, bar) -> dict:
+    """Beam search side by side: tokens/s of both, identical best sequences, score difference.
+    `ours()` / `theirs()` return each input's best sequence [batch, new_tokens] and its score."""
     figures = {}
     for name, fn in (("jax", ours), ("pytorch", theirs)):
         tokens, scores = fn()  # Warm-up (compiles ours) and the results to compare.
@@ -120,6 +111,82 @@ def beam_figures(model, reference, ids: np.ndarray, num_beams: int, new_tokens: 
             "best_sequences_identical": same, "max_score_difference": gap}
 
 
+class GPT2Pair:
+    """GPT-2 124M on both sides; prompts of real text, the new tokens after them."""
+
+    stop = 50256
+
+    def __init__(self):
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        self.reference = GPT2LMHeadModel(GPT2Config()).eval()
+        folder = pathlib.Path(tempfile.mkdtemp()) / "gpt2"
+        self.reference.save_pretrained(folder, safe_serialization=True)
+        for name in ("encoder.json", "vocab.bpe"):
+            (folder / name).write_bytes((DATA / "tokenizers" / name).read_bytes())
+        self.tokenizer, self.model = transformer.from_pretrained(folder)
+
+    def inputs(self, batch: int) -> np.ndarray:
+        return prompts(self.tokenizer, batch)
+
+    def ours_greedy(self, rows, n: int) -> np.ndarray:
+        config = SamplingConfig(max_new_tokens=n, temperature=0.0)
+        return generate(self.model, rows, config, rng=jax.random.key(0)).tokens
+
+    def ours_beam(self, rows, config: BeamConfig):
+        return beam_generate(self.model, rows, config)
+
+    def theirs(self, ids: np.ndarray, **kwargs):
+        """transformers' generate; the new tokens (and the beam scores, when asked)."""
+        import torch
+
+        with torch.inference_mode():
+            out = self.reference.generate(
+                torch.from_numpy(ids.astype(np.int64)), attention_mask=torch.ones(ids.shape),
+                do_sample=False, use_cache=True, pad_token_id=0, **kwargs)
+        sequences = out.sequences if hasattr(out, "sequences") else out
+        new = sequences[:, self.skip(ids):].numpy()
+        return (new, out.sequences_scores.numpy()) if hasattr(out, "sequences_scores") else new
+
+    def skip(self, ids: np.ndarray) -> int:
+        return ids.shape[1]  # A decoder returns the prompt before the new tokens.
+
+
+class T5Pair(GPT2Pair):
+    """T5-small on both sides (transformers' init); random source ids, targets from the start
+    token."""
+
+    stop = 1  # T5's EOS.
+
+    def __init__(self):
+        import torch
+        from transformers import T5Config, T5ForConditionalGeneration
+
+        torch.manual_seed(0)
+        self.reference = T5ForConditionalGeneration(T5Config(
+            vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
+            feed_forward_proj="relu", dropout_rate=0.0, decoder_start_token_id=0,
+            pad_token_id=0, eos_token_id=1)).eval()
+        folder = pathlib.Path(tempfile.mkdtemp()) / "t5-small"
+        self.reference.save_pretrained(folder, safe_serialization=True)
+        self.tokenizer, self.model = transformer.from_pretrained(folder)
+
+    def inputs(self, batch: int) -> np.ndarray:
+        return np.random.default_rng(batch).integers(2, 32000, (batch, PROMPT)).astype(np.int32)
+
+    def ours_greedy(self, rows, n: int) -> np.ndarray:
+        config = SamplingConfig(max_new_tokens=n, temperature=0.0)
+        return seq2seq_generate(self.model, rows, config, rng=jax.random.key(0)).tokens
+
+    def ours_beam(self, rows, config: BeamConfig):
+        return seq2seq_beam_generate(self.model, rows, config)
+
+    def skip(self, ids: np.ndarray) -> int:
+        return 1  # The decoder start token.
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--new_tokens", type=int, default=128)
@@ -129,30 +196,37 @@ def main() -> None:
                         help="PyTorch's threads (on a loaded machine 1 may be the faster)")
     parser.add_argument("--num_beams", type=int, default=0, help="beam search of this width "
                         "instead of greedy decoding (0 = greedy)")
+    parser.add_argument("--model", choices=("gpt2", "t5-small"), default="gpt2",
+                        help="GPT-2 124M, or a T5-small encoder-decoder")
     args = parser.parse_args()
 
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(0)
     torch.set_num_threads(args.torch_threads)
-    reference = GPT2LMHeadModel(GPT2Config()).eval()
-    folder = pathlib.Path(tempfile.mkdtemp()) / "gpt2"
-    reference.save_pretrained(folder, safe_serialization=True)
-    for name in ("encoder.json", "vocab.bpe"):
-        (folder / name).write_bytes((DATA / "tokenizers" / name).read_bytes())
-    tokenizer, model = transformer.from_pretrained(folder)
+    pair = GPT2Pair() if args.model == "gpt2" else T5Pair()
 
-    result = {"new_tokens": args.new_tokens, "prompt_tokens": PROMPT,
+    result = {"model": args.model, "new_tokens": args.new_tokens, "prompt_tokens": PROMPT,
               "torch_threads": args.torch_threads, "load_average": os.getloadavg()[0]}
     batches = [int(b) for b in args.batches.split(",")]
     if args.num_beams:
         result["num_beams"] = args.num_beams
         with tqdm.tqdm(total=len(batches) * 4, unit="run") as bar:
             for batch in batches:
-                result[f"batch_{batch}"] = beam_figures(model, reference, prompts(tokenizer, batch),
-                                                        args.num_beams, args.new_tokens,
-                                                        args.repeats, bar)
+                ids, n = pair.inputs(batch), args.new_tokens
+                rows = [list(r) for r in ids]
+                config = BeamConfig(num_beams=args.num_beams, max_new_tokens=n, min_new_tokens=n,
+                                    stop_tokens=(pair.stop,), pad_id=0)
+
+                def ours(rows=rows, config=config):
+                    out = pair.ours_beam(rows, config)
+                    return out.tokens[:, 0], out.scores[:, 0]
+
+                def theirs(ids=ids, n=n):
+                    return pair.theirs(ids, num_beams=args.num_beams, max_new_tokens=n,
+                                       min_new_tokens=n, eos_token_id=pair.stop,
+                                       output_scores=True, return_dict_in_generate=True)
+
+                result[f"batch_{batch}"] = beam_figures(ours, theirs, batch, n, args.repeats, bar)
         for batch in batches:
             r = result[f"batch_{batch}"]
             print(f"beam {args.num_beams}, batch {batch:>2}: jax {r['jax']['tokens_per_s']:7.1f} "
@@ -164,20 +238,14 @@ def main() -> None:
         return
     with tqdm.tqdm(total=len(batches) * 4, unit="run") as bar:
         for batch in batches:
-            ids = prompts(tokenizer, batch)
+            ids = pair.inputs(batch)
             rows = [list(r) for r in ids]
 
             def ours(n: int, rows=rows) -> np.ndarray:
-                config = SamplingConfig(max_new_tokens=n, temperature=0.0)
-                return generate(model, rows, config, rng=jax.random.key(0)).tokens
+                return pair.ours_greedy(rows, n)
 
             def theirs(n: int, ids=ids) -> np.ndarray:
-                with torch.inference_mode():
-                    out = reference.generate(
-                        torch.from_numpy(ids.astype(np.int64)), attention_mask=torch.ones(ids.shape),
-                        max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
-                        pad_token_id=0)
-                return out[:, PROMPT:].numpy()
+                return pair.theirs(ids, max_new_tokens=n, min_new_tokens=n)
 
             figures = {}
             for name, fn in (("jax", ours), ("pytorch", theirs)):
@@ -192,7 +260,8 @@ def main() -> None:
             agree = float(np.mean(figures["jax"].pop("tokens") == figures["pytorch"].pop("tokens")))
             result[f"batch_{batch}"] = {
                 **figures,
-                "dense_products_tokens_per_s": dense_products(model, batch),
+                "dense_products_tokens_per_s": (dense_products(pair.model, batch)
+                                                if args.model == "gpt2" else None),
                 "speedup": figures["jax"]["tokens_per_s"] / figures["pytorch"]["tokens_per_s"],
                 "greedy_tokens_identical": agree,
             }
@@ -202,7 +271,9 @@ def main() -> None:
               f"(first token {r['jax']['time_to_first_token_s'] * 1e3:.0f} ms) | pytorch "
               f"{r['pytorch']['tokens_per_s']:8.1f} tok/s (first token "
               f"{r['pytorch']['time_to_first_token_s'] * 1e3:.0f} ms) | ×{r['speedup']:.2f} | "
-              f"XLA matrix products alone {r['dense_products_tokens_per_s']:.1f} tok/s")
+              f"greedy tokens identical {r['greedy_tokens_identical']:.0%}"
+              + (f" | XLA matrix products alone {r['dense_products_tokens_per_s']:.1f} tok/s"
+                 if r["dense_products_tokens_per_s"] else ""))
     print(json.dumps(result))
 
 

@@ -8,19 +8,14 @@ from transformer.train.config import base_config
 
 
 def t5_from_scratch(**model: int) -> ml_collections.ConfigDict:
-    """T5 v1.0 layout (relative positions, RMSNorm, ReLU), width 256, an 8000-piece vocabulary
-    (padded to 8064), `model` overriding the shape; the objective 'seq2seq'.
-
-    Trained from our normal(0.02) initialization, T5's unscaled attention logits and
-    d^-1/2-scaled tied output start near zero (T5 relies on its own initialization for them): here
-    attention logits are scaled by head_dim^-1/2 and embeddings by sqrt(hidden_size), as in the
-    Transformer, and the output is not scaled."""
+    """T5 v1.0 as published (relative positions, RMSNorm, ReLU, unscaled attention logits, tied
+    output scaled by d^-1/2, T5's initialization), width 256, an 8000-piece vocabulary (padded
+    to 8064), `model` overriding the shape; the objective 'seq2seq'."""
     c = base_config("t5-tiny")
     c.model.update({**dict(vocab_size=8064, hidden_size=256, num_layers=3, num_decoder_layers=3,
                            num_heads=4, head_dim=64, mlp_dim=1024, relative_buckets=32,
-                           relative_max_distance=128, max_length=256, dropout_rate=0.1,
-                           scaled_attention=True, embedding_scale=True,
-                           scale_decoder_output=False), **model})
+                           relative_max_distance=128, max_length=256, dropout_rate=0.1),
+                    **model})
     c.objective = "seq2seq"
     c.seq2seq = seq2seq.default_config()
     c.tokenizer_training.vocab_size = 8000

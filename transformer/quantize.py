@@ -48,6 +48,7 @@ from jax.sharding import SingleDeviceSharding
 from transformer import model_io, paths
 from transformer.models import MODELS, Decoder, Encoder, ModelConfig
 from transformer.models.attention import MultiHeadAttention
+from transformer.models.encoder_decoder import EncoderDecoder
 from transformer.models.heads import Head
 from transformer.models.layers import MLP, Embeddings
 
@@ -64,6 +65,7 @@ CONTRACTED: dict[type, dict[str, tuple[int, ...]]] = {
     Embeddings: {"tokens": (-1,), "positions": (-1,)},
     Encoder: {"lm_head": (-2,), "pooler": (-2,), "mlm_dense": (-2,)},
     Decoder: {"lm_head": (-2,)},
+    EncoderDecoder: {"lm_head": (-2,)},  # Untied heads (T5 v1.1); T5's relative bias stays float.
     Head: {"kernel": (-2,)},
 }
 

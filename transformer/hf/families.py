@@ -506,7 +506,8 @@ def _t5_config(hf: dict[str, Any], names: Collection[str]) -> ModelConfig:
         relative_max_distance=hf.get("relative_attention_max_distance", 128),
         max_length=hf.get("n_positions", 512), attention_bias=False, mlp_bias=False,
         scaled_attention=False, tie_embeddings=tied, scale_decoder_output=bool(scaled),
-        dropout_rate=hf.get("dropout_rate", 0.1),
+        dropout_rate=hf.get("dropout_rate", 0.1), initializer="t5",
+        initializer_factor=hf.get("initializer_factor", 1.0),
         decoder_start_token_id=hf.get("decoder_start_token_id", hf.get("pad_token_id", 0)),
     )
 
@@ -571,6 +572,7 @@ def _t5_to_hf(c: ModelConfig) -> dict[str, Any]:
         "dropout_rate": c.dropout_rate, "tie_word_embeddings": c.tie_embeddings,
         "scale_decoder_outputs": c.scale_decoder_output, "pad_token_id": 0, "eos_token_id": 1,
         "decoder_start_token_id": c.decoder_start_token_id,
+        "initializer_factor": c.initializer_factor,
     }
 
 

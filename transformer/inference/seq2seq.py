@@ -46,11 +46,16 @@ from transformer.models import EncoderDecoder, ModelOutput
 from transformer.sharding import Rules
 
 
-def right_pad(inputs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, attention mask), both [batch, longest input], the inputs flush left."""
+def right_pad(inputs: Sequence[Sequence[int]], pad_id: int = 0,
+              width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, attention mask), both [batch, width] (default: the longest input), the inputs
+    flush left. A fixed `width` keeps one compiled program for batches of any lengths."""
     if not inputs or any(len(x) == 0 for x in inputs):
         raise ValueError("every input needs at least one token (e.g. the tokenizer's EOS)")
-    width = max(len(x) for x in inputs)
+    longest = max(len(x) for x in inputs)
+    if width is not None and width < longest:
+        raise ValueError(f"an input of {longest} tokens does not fit width={width}")
+    width = longest if width is None else width
     ids = np.full((len(inputs), width), pad_id, np.int32)
     mask = np.zeros((len(inputs), width), np.int32)
     for row, x in enumerate(inputs):
@@ -170,11 +175,13 @@ def seq2seq_beam_generate(
     *,
     mesh: Mesh | None = None,
     rules: Rules | None = None,
+    width: int | None = None,
 ) -> BeamGeneration:
-    """The best hypotheses of beam search for a batch of inputs (token-id lists of any lengths),
-    equal to transformers' `generate(num_beams=...)` on the same right-padded inputs with their
-    attention mask. Tokens are the new ones, without the start token."""
+    """The best hypotheses of beam search for a batch of inputs (token-id lists of any lengths,
+    right-padded to `width`, default the longest), equal to transformers' `generate(num_beams=...)`
+    on the same right-padded inputs with their attention mask. Tokens are the new ones, without
+    the start token."""
     config = config or BeamConfig()
-    ids, mask = right_pad(inputs, config.pad_id)
+    ids, mask = right_pad(inputs, config.pad_id, width)
     check_inputs(model, ids.shape[1], config.max_new_tokens)
     return run_beam_search(model, ids, mask, config, mesh, rules, encoder_decoder_step)

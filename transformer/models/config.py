@@ -14,6 +14,7 @@ ATTENTION_IMPLS = ("einsum", "xla", "splash", "splash_interpret", "cudnn")
 CONTEXT_STRATEGIES = ("ring", "all_gather")  # transformer/models/context_parallel.py
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ARCHITECTURES = ("encoder", "decoder", "encoder_decoder")
+INITIALIZERS = ("normal", "t5")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLS = ("dropless", "dense")
@@ -77,6 +78,11 @@ class ModelConfig:
     context_parallel: str = "ring"
     context_load_balance: bool = True  # Causal: batches laid out zig-zag (the train step does it).
     initializer_range: float = 0.02  # Std of the normal initializers.
+    # 'normal': every weight normal(0, initializer_range); 't5': T5's per-weight-kind fan-in
+    # scaling times initializer_factor (as transformers' T5PreTrainedModel._init_weights), which
+    # its unscaled attention logits and d^-1/2-scaled tied output rely on.
+    initializer: str = "normal"
+    initializer_factor: float = 1.0  # Scales every std of initializer='t5' (T5's own factor).
     scale_residual_init: bool = False  # GPT-2: output projections init std / sqrt(2 * layers).
     param_dtype: str = "float32"  # Storage dtype of the parameters.
     dtype: str = "float32"  # Compute dtype (activations and matmuls); softmax stays float32.
@@ -117,6 +123,7 @@ class ModelConfig:
 
     def __post_init__(self):
         _check_choice("architecture", self.architecture, ARCHITECTURES)
+        _check_choice("initializer", self.initializer, INITIALIZERS)
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("norm", self.norm, NORMS)
         _check_choice("position", self.position, POSITIONS)
@@ -148,6 +155,9 @@ class ModelConfig:
         self._check_lora()
         self._check_moe()
         self._check_encoder_decoder()
+        if self.initializer == "t5" and self.position != "relative":
+            raise ValueError("initializer='t5' initializes T5 models (architecture="
+                             "'encoder_decoder', position='relative'); use initializer='normal'")
         for name in ("dropout_rate", "attention_dropout_rate", "lora_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -329,7 +339,7 @@ _T5 = dict(
     architecture="encoder_decoder", vocab_size=32128, max_length=512, activation="relu",
     norm="rmsnorm", norm_eps=1e-6, pre_norm=True, final_norm=True, position="relative",
     attention_bias=False, mlp_bias=False, tie_embeddings=True, scale_decoder_output=True,
-    scaled_attention=False, dropout_rate=0.1, decoder_start_token_id=0,
+    scaled_attention=False, dropout_rate=0.1, decoder_start_token_id=0, initializer="t5",
 )
 _T5_V1_1 = dict(_T5, activation="gelu_tanh", gated_mlp=True, tie_embeddings=False,
                 scale_decoder_output=False)

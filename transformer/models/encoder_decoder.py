@@ -168,6 +168,36 @@ class Stack(nnx.Module):
         return x, cache
 
 
+def t5_init_std(name: str, config: ModelConfig) -> float:
+    """T5's initial std of a weight named `name` (transformers' T5PreTrainedModel._init_weights):
+    each projection by its fan-in, the query by d_model·d_kv so that the unscaled logits start
+    at unit variance, the embeddings (tied output included) at 1 — the d_model^-1/2 output scale
+    of T5 v1.0 brings their logits back to unit size. Norm scales are constants, not stds."""
+    d, heads, kv = config.hidden_size, config.num_heads, config.dim_per_head
+    fan_in = {"tokens": 1.0, "lm_head": 1.0, "relative_bias": d, "query": d * kv, "key": d,
+              "value": d, "out": heads * kv, "wi": d, "wi_gate": d, "wo": config.mlp_dim}
+    if name not in fan_in:
+        raise ValueError(f"initializer='t5' has no rule for the weight {name!r}: it covers T5 "
+                         "models (relative positions, no biases); use initializer='normal'")
+    return config.initializer_factor * fan_in[name] ** -0.5
+
+
+def t5_initialize(model: nnx.Module, rngs: nnx.Rngs) -> None:
+    """Redraws every parameter of `model` as T5 does (`t5_init_std`), norm scales set to
+    `initializer_factor`. In place, after construction, so that the shared layers keep one
+    initializer; inside a jitted init the first draws are dead code."""
+    config = model.config
+    for path, variable in nnx.iter_graph(model):
+        if not isinstance(variable, nnx.Param):
+            continue
+        name, shape, dtype = str(path[-1]), variable.shape, variable[...].dtype
+        if name == "scale":
+            variable[...] = jnp.full(shape, config.initializer_factor, dtype)
+        else:
+            std = t5_init_std(name, config)
+            variable[...] = (std * jax.random.normal(rngs.params(), shape)).astype(dtype)
+
+
 class EncoderDecoder(nnx.Module):
     """T5 / BART: an encoder and a decoder stack sharing the token embeddings, and the LM head."""
 
@@ -185,6 +215,8 @@ class EncoderDecoder(nnx.Module):
             self.lm_head = param(rngs, (d, config.vocab_size), ("embed", "vocab"), std=std, dtype=pd)
         if config.final_logits_bias:
             self.logits_bias = param(rngs, (1, config.vocab_size), (None, "vocab"), dtype=pd)
+        if config.initializer == "t5":
+            t5_initialize(self, rngs)
 
     def embed(self, ids: jax.Array) -> jax.Array:
         x = self.embeddings(ids, jnp.zeros_like(ids))  # Positions are added per stack.

@@ -6,7 +6,8 @@ decoder loop: greedy, or with `seq2seq.num_beams` > 1 beam search, transformer/i
 and the detokenized outputs are scored against all their references with `seq2seq.metrics`
 (BLEU and chrF by sacreBLEU, ROUGE by rouge-score). Every process builds the
 layout of every process's examples, so all map the global outputs back to examples and compute
-the same metrics; process 0 writes `predictions.jsonl`.
+the same metrics; process 0 writes `predictions.jsonl` (each prediction with its references) and
+`metrics.json`.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class GenerationEvaluator:
                              "on one process; evaluate greedily (num_beams=1) on several")
         self.metrics = [m for m in str(seq.metrics).split(",") if m]
         generation.generation_metrics(["x"], ["x"], self.metrics)  # Unknown names fail now.
-        self.tokenizer, self.batch_sharding = tokenizer, batch_sharding
+        self.tokenizer, self.batch_sharding, self.split = tokenizer, batch_sharding, split
         if out_dir is None and workdir is not None:
             out_dir = paths.as_path(workdir) / "eval"
         self.out_dir = None if out_dir is None else paths.as_path(out_dir)
@@ -136,7 +137,9 @@ class GenerationEvaluator:
         return self.score(predictions, references, step)
 
     def beam_search(self, params: Any, step: int) -> dict[str, float]:
-        """The best beam of each example (transformer/inference/seq2seq.py; one process)."""
+        """The best beam of each example (transformer/inference/seq2seq.py; one process).
+        Every batch has the same shape (rows of the full source width, the last batch filled
+        with one-token inputs whose outputs are dropped): one compiled search for the split."""
         model = nnx.merge(self.graphdef, params)
         examples, size = self.mine, self.per_process
         predictions = []
@@ -145,25 +148,32 @@ class GenerationEvaluator:
             inputs = [examples.inputs[i, : examples.lengths[i]].tolist() for i in rows]
             if not inputs:
                 continue
-            out = seq2seq_generate.seq2seq_beam_generate(model, inputs, self.beam,
-                                                         mesh=self.mesh, rules=self.rules)
+            filler = [[self.tokenizer.eos_id]] * (size - len(inputs))
+            out = seq2seq_generate.seq2seq_beam_generate(
+                model, inputs + filler, self.beam, mesh=self.mesh, rules=self.rules,
+                width=examples.inputs.shape[1])
             predictions += [self.tokenizer.decode(cut_at_eos(np.asarray(h[0]),
                                                              self.tokenizer.eos_id))
-                            for h in out.sequences()]
+                            for h in out.sequences()[: len(inputs)]]
         return self.score(predictions, list(examples.references), step)
 
     def score(self, predictions: list[str], references: list[list[str]],
               step: int) -> dict[str, float]:
         values = generation.generation_metrics(predictions, references, self.metrics)
+        result = {f"eval_{k}": float(v) for k, v in values.items() if not isinstance(v, str)}
+        result["eval_examples"] = float(len(predictions))
+        for reason, n in self.report.counts.items():
+            result[f"eval_count_{reason}"] = float(n)
         if self.out_dir is not None and jax.process_index() == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             lines = [json.dumps({"prediction": p, "references": r}, ensure_ascii=False)
                      for p, r in zip(predictions, references, strict=True)]
             (self.out_dir / "predictions.jsonl").write_text("\n".join(lines) + "\n")
+            decoding = {"num_beams": self.beam.num_beams if self.beam else 1}
+            signature = {k: v for k, v in values.items() if isinstance(v, str)}
+            (self.out_dir / "metrics.json").write_text(json.dumps(
+                {"step": step, "split": self.split, **decoding, **signature, **result},
+                indent=1) + "\n")
             if "bleu_signature" in values:
                 logging.info("step %d: sacreBLEU %s", step, values["bleu_signature"])
-        result = {f"eval_{k}": float(v) for k, v in values.items() if not isinstance(v, str)}
-        result["eval_examples"] = float(len(predictions))
-        for reason, n in self.report.counts.items():
-            result[f"eval_count_{reason}"] = float(n)
         return result
