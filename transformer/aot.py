@@ -3,13 +3,17 @@
     python -m transformer.aot --config=configs/gpt2_pretrain.py --topology=v5p-256
     python -m transformer.aot --preset=llama-7b --topology=v5p-64 --config.mesh.tensor=4
     python -m transformer.aot --config=configs/demo.py:ci --topology=v5e:2x2 --json
+    python -m transformer.aot --preset=llama-7b --topology=v5e-8 --inference --quantize=int8
 
 Builds the abstract train state and batch with the shardings the trainer would use on that
 topology's devices and the recipe's mesh, lowers and compiles the train step with libtpu, and
 prints per-device memory against the chip's HBM. When it does not fit, it compiles candidate
 changes (transformer.aot_search: more gradient accumulation, stronger remat, more FSDP, a smaller
 batch) and prints the smallest that fits as `--config.x=y` overrides. Exits 1 when the config as
-given does not fit, 2 on bad usage.
+given does not fit, 2 on bad usage. `--inference` compiles a decoder's forward pass over a batch
+of prompts (next-token logits, no optimizer state) instead, with the weights in
+`model.param_dtype` or, with `--quantize=int8|int4`, quantized as `transformer.quantize` holds
+them: the memory that serving the model needs on that slice.
 Needs libtpu (`pip install libtpu==0.0.42.1`, the version jax 0.10.2 pins); no TPU is needed.
 """
 
@@ -24,6 +28,7 @@ import os
 import re
 import sys
 import time
+import types
 from typing import Any
 
 from transformer.aot_memory import (
@@ -123,6 +128,84 @@ def lower_train_step(config: Any, devices: list[Any]) -> tuple[Any, Any, Any, An
     with sharding.use_mesh(mesh, rules):
         lowered = step.lower(abstract_state, batch)
     return lowered, mesh, abstract_state, batch
+
+
+def lower_forward(config: Any, devices: list[Any],
+                  quantize: str | None = None) -> tuple[Any, Any, Any, Any]:
+    """(lowered forward, mesh, abstract weights, abstract batch): a decoder's next-token logits
+    for a batch of `data.max_length`-token prompts, the weights (quantized with `quantize`)
+    sharded by the rules. Shapes only: no weight is materialized."""
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding
+
+    from transformer import quantize as q
+    from transformer import sharding
+    from transformer.models import MODELS, ModelConfig
+
+    model_config = ModelConfig.from_dict(config.model.to_dict())
+    if not model_config.causal:
+        raise ValueError(f"--inference compiles next-token prediction; {model_config.architecture} "
+                         "is not a decoder")
+    rules = [tuple(r) for r in config.logical_axis_rules]
+    mesh = sharding.make_mesh(config.mesh.to_dict(), devices=devices)
+    batch_shape = (config.data.global_batch_size, config.data.max_length)
+
+    def build():
+        model = MODELS[model_config.architecture](model_config, rngs=nnx.Rngs(0))
+        return model if quantize is None else q.quantize(model, quantize)
+
+    graphdef, weights = nnx.split(nnx.eval_shape(build), nnx.Param)
+    shardings = q.state_shardings(weights, mesh, rules)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            weights, shardings)
+    batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(
+        ("batch", "length"), rules, batch_shape, mesh))
+    inputs = jax.ShapeDtypeStruct(batch_shape, "int32", sharding=batch_sharding)
+
+    def forward(weights, inputs):
+        model = nnx.merge(graphdef, weights)
+        hidden = model(inputs, compute_logits=False).last_hidden_state
+        return model.lm_logits(hidden[:, -1:])
+
+    jitted = jax.jit(forward, in_shardings=(shardings, batch_sharding))
+    with sharding.use_mesh(mesh, rules):
+        lowered = jitted.lower(abstract, inputs)
+    return lowered, mesh, abstract, inputs
+
+
+def run_inference(config: Any, topology: Topology, quantize: str | None = None,
+                  num_slices: int = 1) -> dict[str, Any]:
+    """Compiles the forward pass of `lower_forward` and measures it: the report dict, its
+    optimizer state 0, also when the compiler says it does not fit."""
+    from transformer import sharding
+    from transformer.models import ModelConfig, count_params
+
+    devices = topology_devices(topology, num_slices)
+    result: dict[str, Any] = {
+        "mode": "inference", "quantize": quantize or config.model.param_dtype,
+        "topology": topology.accelerator_type, "topology_grid": topology.name,
+        "num_slices": num_slices, "devices": len(devices),
+        "params": count_params(ModelConfig.from_dict(config.model.to_dict())),
+        "global_batch_size": config.data.global_batch_size, "seq_len": config.data.max_length,
+        "grad_accum_steps": 1, "remat_policy": config.model.remat_policy,
+    }
+    start = time.perf_counter()
+    lowered, mesh, weights, inputs = lower_forward(config, devices, quantize)
+    result["mesh"] = dict(mesh.shape)
+    result["rows_per_device"] = config.data.global_batch_size // sharding.batch_devices(mesh)
+    state = types.SimpleNamespace(params=weights, opt_state=())  # As memory_report reads it.
+    try:
+        compiled = compile_lowered(lowered)
+    except DoesNotFit as error:
+        result.update(fits=False, error=str(error), hbm_bytes=topology.hbm_bytes,
+                      params_bytes=per_device_bytes(weights), optimizer_bytes=0,
+                      batch_bytes=per_device_bytes(inputs),
+                      compile_s=round(time.perf_counter() - start, 1))
+        return result
+    result["compile_s"] = round(time.perf_counter() - start, 1)
+    result.update(memory_report(compiled.memory_analysis(), state, inputs, topology.hbm_bytes))
+    return result
 
 
 # The TPU compiler's refusal names what it needed: "... HLO temporaries (280.03G) exceeds ...".
@@ -255,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--search_compiles", type=int, default=8,
                         help="when it does not fit: compile at most this many candidate changes "
                              "to find the smallest that fits (0 = no search)")
+    parser.add_argument("--inference", action="store_true",
+                        help="compile a decoder's forward pass over a batch of prompts (next-token "
+                             "logits) instead of the train step: the memory of serving it")
+    parser.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                        help="with --inference: the weights quantized (transformer.quantize)")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of results")
     argv = sys.argv[1:] if argv is None else argv
     args, rest = parser.parse_known_args(argv)
@@ -273,8 +361,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     except Exception as error:  # A recipe's own usage error (absl UsageError).
         parser.error(f"{type(error).__name__}: {error}")
+    if args.quantize and not args.inference:
+        parser.error("--quantize compiles quantized inference: add --inference")
+    if args.inference and args.per_device_batch:
+        parser.error("--per_device_batch is for the train step; with --inference set "
+                     "--config.data.global_batch_size")
     try:
-        result = run(config, topology, args.num_slices, args.per_device_batch)
+        if args.inference:
+            result = run_inference(config, topology, args.quantize, args.num_slices)
+        else:
+            result = run(config, topology, args.num_slices, args.per_device_batch)
     except ModuleNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -291,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  does not fit: the compiler ran out of HBM: {result['error']}")
     else:
         print(format_report(result))
-    if not result["fits"] and args.search_compiles > 0:
+    if args.inference:
+        print(f"  weights: {result['quantize']}")
+    elif not result["fits"] and args.search_compiles > 0:
         print(f"  searching for the smallest change that fits (at most {args.search_compiles} "
               "compiles):", flush=True)
         log = lambda line: print(line, flush=True)

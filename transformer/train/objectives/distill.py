@@ -18,6 +18,12 @@ of a fine-tuning run or `transformer.convert import` of a Hugging Face model) ru
 jitted step, without gradients, its parameters sharded by the same logical-axis rules.
 `distill.student_layers` ("0,2,4") builds the student from the teacher's architecture with those
 layers and initializes it from them (embeddings and head too).
+
+A transfer set (`distill.transfer_file`, classification): more sentences of the task, which the
+student learns from the teacher alone (DistilBERT/TinyBERT-style): each step's batch is the
+`data.global_batch_size` labelled examples followed by `distill.transfer_batch_size` transfer
+examples whose `label_weights` are 0, so the label cross-entropy never reads their labels; the
+soft and cosine terms cover both. All terms are divided by the step's total examples.
 """
 
 from __future__ import annotations
@@ -26,12 +32,14 @@ import dataclasses
 import json
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
-from transformer import model_io, paths
+from transformer import model_io, paths, sharding
 from transformer.data import tasks
 from transformer.models import MODELS, ModelConfig
 from transformer.models.common import split_rng
@@ -62,6 +70,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.alpha = 0.5  # Weight of T²·KL; the label cross-entropy gets 1 − α (α = 0: no teacher).
     c.beta = 0.0  # Weight of the hidden-state cosine loss (student and teacher of one width).
     c.student_layers = ""  # E.g. "0,2,4": the student is these teacher layers ("" = config.model).
+    c.transfer_file = ""  # Classification: more examples (task format) learnt from the teacher alone.
+    c.transfer_batch_size = 0  # Transfer examples added to each step's labelled batch.
     return c
 
 
@@ -98,17 +108,22 @@ def distillation_sums(
     student_hidden: jax.Array | None = None,
     teacher_hidden: jax.Array | None = None,
     token_mask: jax.Array | None = None,
+    label_weights: jax.Array | None = None,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
 ) -> dict[str, jax.Array]:
     """Sums over the weighted positions (`weights` has the shape of `targets`: [batch] or
     [batch, length]); divide by `weight_sum` for means. `token_mask` [batch, length] marks the
-    real tokens for the cosine term (hidden states [batch, length, width])."""
+    real tokens for the cosine term (hidden states [batch, length, width]). `label_weights`
+    (default `weights`) are the positions whose labels the cross-entropy reads: 0 on transfer
+    examples, which only the teacher terms see; `label_sum` counts them."""
     weights = weights.astype(jnp.float32)
-    hard = cross_entropy(student_logits, targets, weights, label_smoothing=label_smoothing,
+    labelled = weights if label_weights is None else label_weights.astype(jnp.float32)
+    hard = cross_entropy(student_logits, targets, labelled, label_smoothing=label_smoothing,
                          z_loss=z_loss)
     sums = {"hard_sum": hard["loss_sum"], "nll_sum": hard["nll_sum"],
-            "correct_sum": hard["correct_sum"], "weight_sum": hard["weight_sum"]}
+            "correct_sum": hard["correct_sum"], "label_sum": hard["weight_sum"],
+            "weight_sum": jnp.sum(weights)}
     loss = (1.0 - alpha) * hard["loss_sum"]
     if teacher_logits is not None:
         sums["soft_sum"] = jnp.sum(kl_divergence(student_logits, teacher_logits, temperature)
@@ -147,9 +162,10 @@ def _outputs(model: nnx.Module, batch: Batch, base: str,
     labels, weights = batch["labels"], batch["weights"].astype(jnp.float32)
     if labels.ndim == 2:  # Tokens: only labelled positions of real examples are scored.
         weights = weights[:, None] * (labels != tasks.IGNORE)
+    label_weights = weights * batch["label_weights"] if "label_weights" in batch else weights
     return {"logits": logits, "hidden": out.last_hidden_state,
             "targets": jnp.where(labels == tasks.IGNORE, 0, labels), "weights": weights,
-            "mask": mask > 0}
+            "label_weights": label_weights, "mask": mask > 0}
 
 
 def _loss(base: str):
@@ -164,15 +180,17 @@ def _loss(base: str):
             student["logits"], t.get("logits"), student["targets"], student["weights"],
             temperature=d.temperature, alpha=d.alpha, beta=d.beta,
             student_hidden=student["hidden"], teacher_hidden=t.get("hidden"),
-            token_mask=student["mask"], label_smoothing=config.label_smoothing,
+            token_mask=student["mask"], label_weights=student.get("label_weights"),
+            label_smoothing=config.label_smoothing,
             z_loss=config.z_loss if base == "lm" else 0.0)
     return loss
 
 
 def _summary(sums):
+    labelled = jnp.maximum(sums["label_sum"], 1.0)  # Accuracy of the labelled positions only.
     out = {"loss": mean_of(sums, "loss_sum"),
            "hard_loss": mean_of(sums, "hard_sum"),
-           "accuracy": mean_of(sums, "correct_sum"), "weights": sums["weight_sum"]}
+           "accuracy": sums["correct_sum"] / labelled, "weights": sums["weight_sum"]}
     for key in ("soft", "hidden"):
         if f"{key}_sum" in sums:
             out[f"{key}_loss"] = mean_of(sums, f"{key}_sum")
@@ -339,11 +357,58 @@ def _builder(model_config, config):
         model_config, inner_config(config))
 
 
+class WithTransfer(grain.DatasetIterator):
+    """Each labelled batch followed by a transfer batch, `label_weights` 1 and 0; checkpointable
+    (the two iterators' states)."""
+
+    def __init__(self, labelled: grain.DatasetIterator, transfer: grain.DatasetIterator):
+        super().__init__([labelled, transfer])
+        self.labelled, self.transfer = labelled, transfer
+
+    def __next__(self) -> dict[str, Any]:
+        a, b = next(self.labelled), next(self.transfer)
+        if set(a) != set(b):
+            raise ValueError(f"distill.transfer_file gives batches of {sorted(b)}, the labelled "
+                             f"data {sorted(a)}: give the transfer file the task's format")
+        out = {k: np.concatenate([a[k], b[k]]) for k in a}
+        out["label_weights"] = np.concatenate(
+            [np.ones(len(a["weights"]), np.float32), np.zeros(len(b["weights"]), np.float32)])
+        return out
+
+    def get_state(self) -> dict[str, Any]:
+        return {"labelled": self.labelled.get_state(), "transfer": self.transfer.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.labelled.set_state(state["labelled"])
+        self.transfer.set_state(state["transfer"])
+
+
 def _data(config, tokenizer, process_index, process_count):
     inner = inner_config(config)
     inner.data.pack_examples = False  # Rows of one example: the hidden term is a mean per row.
-    return get_objective(inner.objective).train_data(
-        inner, tokenizer, process_index, process_count)
+    base = get_objective(inner.objective)
+    d = config.distill
+    if not d.transfer_file and not d.transfer_batch_size:
+        return base.train_data(inner, tokenizer, process_index, process_count)
+    if inner.objective != "classification" or not d.transfer_file or d.transfer_batch_size < 1:
+        raise ValueError(
+            f"distill.transfer_file={d.transfer_file!r}, transfer_batch_size="
+            f"{d.transfer_batch_size}: a transfer set is for distill_classification and needs "
+            "both (a file in the task's format, and the examples it adds to each step)")
+    if not (d.alpha > 0 or d.beta > 0):
+        raise ValueError("distill.transfer_file is learnt from the teacher alone, but "
+                         "distill.alpha = beta = 0: set alpha > 0 or drop the transfer set")
+    multiple = config.grad_accum_steps * sharding.data_parallel_size(config.mesh.to_dict())
+    if d.transfer_batch_size % multiple:
+        raise ValueError(f"distill.transfer_batch_size={d.transfer_batch_size} must be a multiple "
+                         f"of grad_accum_steps × data-parallel size = {multiple}")
+    transfer = ml_collections.ConfigDict(inner.to_dict())
+    transfer.data.local_files = {inner.data.train_split: d.transfer_file}
+    transfer.data.dataset = ""
+    transfer.data.global_batch_size = d.transfer_batch_size
+    transfer.data.seed = inner.data.seed + 1  # Its own shuffle.
+    return WithTransfer(base.train_data(inner, tokenizer, process_index, process_count),
+                        base.train_data(transfer, tokenizer, process_index, process_count))
 
 
 def _evaluator(config, *args, **kwargs):
