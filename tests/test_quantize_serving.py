@@ -14,7 +14,13 @@ from transformer.aot_memory import per_device_bytes
 from transformer.inference.features import read_pooling, sentence_embeddings
 from transformer.models import build_model, get_preset
 from transformer.pretrained import from_pretrained
-from transformer.quantize import load_quantized, quantize, quantize_array, save_quantized
+from transformer.quantize import (
+    QuantizedParam,
+    load_quantized,
+    quantize,
+    quantize_array,
+    save_quantized,
+)
 from transformer.train.config import minilm_dir
 
 SMALL = dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, mlp_dim=128,
@@ -48,12 +54,19 @@ def test_minilm_int8_groups_keep_every_sentence(fixtures):
 @pytest.mark.parametrize("preset, changes, holder", [
     ("mixtral-tiny", {}, "MoEMLP.wi"),
     ("gpt2-tiny", dict(lora_rank=2, lora_targets=("query",)), "LoRA.a"),
-    ("t5-tiny", {}, "Stack.relative_bias"),
 ])
 def test_layers_that_would_stay_float_are_refused(preset, changes, holder):
     model = build_model(get_preset(preset, vocab_size=64, max_length=16, **changes), seed=0)
     with pytest.raises(ValueError, match=rf"does not support the layers holding .*{holder}"):
         quantize(model, "int8")
+
+
+def test_an_encoder_decoder_keeps_its_position_tables_float():
+    model = build_model(get_preset("t5-tiny", vocab_size=64, max_length=16), seed=0)
+    qmodel = quantize(model, "int8")
+    assert isinstance(qmodel.encoder.layers.blocks.attention.query, QuantizedParam)
+    assert not isinstance(qmodel.encoder.relative_bias, QuantizedParam)
+    np.testing.assert_array_equal(qmodel.encoder.relative_bias[...], model.encoder.relative_bias[...])
 
 
 def test_bad_group_size_is_refused():

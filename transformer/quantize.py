@@ -54,7 +54,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from transformer import model_io, paths
 from transformer.models import MODELS, Decoder, Encoder, ModelConfig
 from transformer.models.attention import MultiHeadAttention
-from transformer.models.encoder_decoder import EncoderDecoder
+from transformer.models.encoder_decoder import EncoderDecoder, Stack
 from transformer.models.heads import Head
 from transformer.models.layers import MLP, Embeddings, Norm
 
@@ -74,6 +74,9 @@ CONTRACTED: dict[type, dict[str, tuple[int, ...]]] = {
     EncoderDecoder: {"lm_head": (-2,)},  # Untied heads (T5 v1.1); T5's relative bias stays float.
     Head: {"kernel": (-2,)},
 }
+# Layers whose parameters stay float on purpose: norms, and an encoder-decoder stack's own small
+# tables read by a gather (T5's relative position bias, BART's learned positions).
+KEPT_FLOAT = (Norm, Stack)
 
 
 def check_mode(mode: str) -> str:
@@ -137,16 +140,16 @@ def _weights(model: nnx.Module) -> list[tuple[nnx.Module, str, tuple[int, ...]]]
 
 def check_supported(model: nnx.Module) -> None:
     """Fails, naming the layer, where a weight would silently stay float: every parameter must
-    be one that `CONTRACTED` quantizes or a float one of those layers (biases) or of a norm."""
+    be one that `CONTRACTED` quantizes or a float one of those layers (biases) or of `KEPT_FLOAT`."""
     unsupported = sorted({
         f"{type(node).__name__}.{name}" for _, node in nnx.iter_graph(model)
-        if isinstance(node, nnx.Module) and not isinstance(node, (*CONTRACTED, Norm))
+        if isinstance(node, nnx.Module) and not isinstance(node, (*CONTRACTED, *KEPT_FLOAT))
         for name, value in vars(node).items() if isinstance(value, nnx.Param)})
     if unsupported:
         raise ValueError(
             f"quantize does not support the layers holding {unsupported}: it quantizes the "
-            "attention, dense MLP, embedding and head weights of Encoder, Decoder and TaskModel "
-            "models (mixture-of-experts layers and encoder-decoder stacks are not supported; "
+            "attention, dense MLP, embedding and head weights of Encoder, Decoder, EncoderDecoder "
+            "and TaskModel models (mixture-of-experts layers are not supported; "
             "merge LoRA adapters into the weights first, transformer.models.lora.merge)")
 
 
