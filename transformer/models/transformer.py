@@ -91,6 +91,7 @@ class Encoder(nnx.Module):
         x = dropout(x, cfg.dropout_rate, embed_rng)
         if context_parallel.active() or kernels.is_fused(cfg.attention_impl):
             mask = context_parallel.layout(cfg, segments, positions, causal=False)
+            kernels.check_rows(cfg.attention_impl, mask.segment_ids)
         else:
             mask = make_attention_mask(segments, segments, causal=False)
         x, _, weights, _ = self.layers(
@@ -165,6 +166,7 @@ class Decoder(nnx.Module):
         if cache is None and (context_parallel.active() or kernels.is_fused(cfg.attention_impl)):
             # Segment ids and positions instead of a mask; the tokens may be laid out zig-zag.
             mask = context_parallel.layout(cfg, segments, positions, causal=True)
+            kernels.check_rows(cfg.attention_impl, mask.segment_ids)
         elif cache is None:
             mask = make_attention_mask(segments, segments, causal=True, window=cfg.sliding_window)
         else:

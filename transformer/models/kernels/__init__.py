@@ -58,6 +58,13 @@ def check_supported(impl: str, *, bias: bool = False, dropout: bool = False,
                          f"for {platform!r}; {fallback}{interpret}")
 
 
+def check_rows(impl: str, segment_ids: jax.Array) -> None:
+    """Once per forward pass, not once per layer: the rows' form a kernel needs (cuDNN: one
+    sequence a row, right-padded; checked at run time). Nothing for the other kernels."""
+    if impl == "cudnn":
+        cudnn.check_one_sequence_a_row(segment_ids)
+
+
 def attention(query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.Array, *,
               causal: bool, window: int | None, scale: float, impl: str) -> jax.Array:
     """Self-attention of query [B,T,H,D] over key/value [B,T,K,D] (K dividing H) with kernel

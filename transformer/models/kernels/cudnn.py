@@ -49,8 +49,8 @@ def check_one_sequence_a_row(segment_ids: jax.Array) -> None:
 
 def attention(query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.Array, *,
               causal: bool, window: int | None, scale: float) -> jax.Array:
-    """Attention of query [B,T,H,D] over key/value [B,T,K,D] (K dividing H) on cuDNN."""
-    check_one_sequence_a_row(segment_ids)
+    """Attention of query [B,T,H,D] over key/value [B,T,K,D] (K dividing H) on cuDNN; the model
+    checks its rows once a forward pass (`kernels.check_rows`)."""
     return jax.nn.dot_product_attention(
         query, key, value, scale=scale, implementation="cudnn",
         **mask_arguments(segment_ids, causal=causal, window=window))
